@@ -1,0 +1,41 @@
+# Set-up commands for a fresh clone: `make demo` runs the built-in demo, `make test` the test suite.
+# Both create (or reuse) a virtualenv in .venv, keep a torch that is already importable there or else
+# install the CPU-friendly torch==2.13.0, then install emloc itself.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+# No GPU: run the Triton kernels in the interpreter so they are still executed and compared.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_GPU),)
+export TRITON_INTERPRET ?= 1
+endif
+
+.PHONY: install install-test test test-slow bench demo clean
+
+$(PY):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+install: $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e .
+
+install-test: install
+	$(PY) -m pip install -q -e ".[test]"
+
+test: install-test
+	$(PY) -m pytest -q tests
+
+test-slow: install-test
+	$(PY) -m pytest -q -m slow tests
+
+bench: install-test
+	$(PY) -m pytest -q benchmarks --benchmark-only
+
+demo: install
+	$(PY) -m pip install -q -e ".[demo]"
+	$(VENV)/bin/emloc demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,4 @@
+"""emloc: fine-tune a model far larger than your GPU through an emulator and LoRA correction (EMLoC)."""
+from .layers import EmulatorLinear
+
+__all__ = ["EmulatorLinear"]

@@ -1,0 +1,145 @@
+"""Activation-aware low-rank factors of a linear layer (DESIGN 1.2, 1.3, 1.3b).
+
+Both forms give the exact minimiser of ``||(W - u v) X^T||_F`` over rank-r matrices:
+
+* :func:`whitened_lowrank` works in input space: truncated SVD of ``W S`` where ``C = X^T X = S S^T``.
+  Best when ``m >= n``; the whitening is computed once per input group and shared by its linears.
+* :func:`projected_lowrank` works in output space: ``u = P_r``, the top-r eigenvectors of the output
+  covariance ``Y^T Y = W C W^T``, and ``v = P_r^T W``. Best when ``m < n``; needs no inverse, no clamp.
+
+``method="randomized"`` replaces the full SVD / eigendecomposition with a range finder (oversampling and
+power iterations), ``O(m n r)`` instead of ``O(m n min(m, n))``. The GEMMs that carry a diagonal scaling or
+a final cast go through :func:`emloc_kernels.ops.scaled_matmul`; the factorisations stay in torch.linalg.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+Method = Literal["exact", "randomized"]
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """``S = basis @ diag(scale)`` with ``C = S S^T``; hence ``S^-1 = diag(1 / scale) @ basis^T``.
+
+    ``basis (n, n)`` holds the eigenvectors of the covariance, ``scale (n,)`` the square roots of its
+    (clamped) eigenvalues, both in the covariance's dtype (fp32 or fp64).
+    """
+
+    basis: Tensor
+    scale: Tensor
+
+    @property
+    def features(self) -> int:
+        return self.basis.shape[0]
+
+
+def whitening(cov: Tensor, eps: float = 1e-7) -> Whitening:
+    """Eigen-based whitening of an input covariance ``cov (n, n)`` (DESIGN 1.2).
+
+    The eigendecomposition runs on ``cov / (trace / n)`` for conditioning; eigenvalues below ``eps`` (relative
+    to that normalisation) are clamped up to it so that ``S`` is invertible, then scaled back.
+    """
+    if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
+        raise ValueError(f"whitening: covariance must be square (n, n), got {tuple(cov.shape)}")
+    if not cov.is_floating_point() or cov.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"whitening: covariance must be float32 or float64, got {cov.dtype}")
+    n = cov.shape[0]
+    norm = torch.diagonal(cov).sum() / n
+    if cov.device.type != "meta" and not bool(torch.isfinite(norm) & (norm > 0)):
+        raise ValueError(f"whitening: covariance trace is {norm.item() * n}; it holds no calibration data")
+    eigvals, basis = torch.linalg.eigh(cov / norm)
+    scale = torch.sqrt(eigvals.clamp_min(eps) * norm)
+    return Whitening(basis=basis, scale=scale)
+
+
+def _check_rank(weight: Tensor, rank: int, fn: str) -> None:
+    if weight.ndim != 2:
+        raise ValueError(f"{fn}: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    if not 1 <= rank <= min(weight.shape):
+        raise ValueError(f"{fn}: rank must be in [1, {min(weight.shape)}] for weight {tuple(weight.shape)}, got {rank}")
+
+
+def _gaussian(rows: int, cols: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(rows, cols, dtype=like.dtype, device=like.device, generator=generator)
+
+
+def _range_finder(apply, apply_t, n: int, k: int, like: Tensor, power_iters: int, generator) -> Tensor:
+    """Orthonormal basis (.., k) of the range of an operator given by ``apply`` (x -> A x) and ``apply_t``."""
+    basis = torch.linalg.qr(apply(_gaussian(n, k, like, generator))).Q
+    for _ in range(power_iters):
+        basis = torch.linalg.qr(apply_t(basis)).Q
+        basis = torch.linalg.qr(apply(basis)).Q
+    return basis
+
+
+def whitened_lowrank(
+    weight: Tensor,
+    whitening: Whitening,
+    rank: int,
+    method: Method = "exact",
+    oversample: int = 16,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Input-space factors ``u (m, r)``, ``v (r, n)`` with ``u v`` the best rank-r approximation of ``weight``
+    under the calibration covariance (DESIGN 1.3): ``W S = P diag(sigma) R^T``, ``u = P_r diag(sqrt sigma_r)``,
+    ``v = diag(sqrt sigma_r) R_r^T S^-1``. Returned in the whitening's dtype (fp32 unless it is fp64).
+    """
+    _check_rank(weight, rank, "whitened_lowrank")
+    if weight.shape[1] != whitening.features:
+        raise ValueError(
+            f"whitened_lowrank: weight has {weight.shape[1]} input features, whitening has {whitening.features}"
+        )
+    dtype = whitening.basis.dtype
+    ws = ops.scaled_matmul(weight, whitening.basis, None, None, whitening.scale, dtype)  # W S, (m, n)
+    if method == "exact":
+        left, sigma, right_t = torch.linalg.svd(ws, full_matrices=False)
+        root = sigma[:rank].sqrt()
+        u = left[:, :rank] * root
+    elif method == "randomized":
+        k = min(rank + oversample, *ws.shape)
+        basis = _range_finder(lambda z: ws @ z, lambda z: ws.T @ z, ws.shape[1], k, ws, power_iters, generator)
+        small_left, sigma, right_t = torch.linalg.svd(basis.T @ ws, full_matrices=False)
+        root = sigma[:rank].sqrt()
+        u = ops.scaled_matmul(basis, small_left[:, :rank], None, None, root, dtype)
+    else:
+        raise ValueError(f"whitened_lowrank: method must be 'exact' or 'randomized', got {method!r}")
+    v = ops.scaled_matmul(right_t[:rank], whitening.basis.T, root, 1.0 / whitening.scale, None, dtype)
+    return u, v
+
+
+def projected_lowrank(
+    weight: Tensor,
+    out_cov: Tensor,
+    rank: int,
+    method: Method = "exact",
+    oversample: int = 16,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Output-space factors (DESIGN 1.3b): ``u = P_r`` (m, r), the top-r eigenvectors of ``out_cov = Y^T Y``
+    (the layer's output covariance without bias), and ``v = P_r^T W`` (r, n). Returned in out_cov's dtype.
+    """
+    _check_rank(weight, rank, "projected_lowrank")
+    m = weight.shape[0]
+    if out_cov.shape != (m, m):
+        raise ValueError(f"projected_lowrank: out_cov must be ({m}, {m}) for weight {tuple(weight.shape)}, got {tuple(out_cov.shape)}")
+    if method == "exact":
+        _, eigvecs = torch.linalg.eigh(out_cov)
+        u = eigvecs[:, -rank:].flip(-1)
+    elif method == "randomized":
+        k = min(rank + oversample, m)
+        basis = _range_finder(lambda z: out_cov @ z, lambda z: out_cov @ z, m, k, out_cov, power_iters, generator)
+        _, small = torch.linalg.eigh(basis.T @ out_cov @ basis)
+        u = basis @ small[:, -rank:].flip(-1)
+    else:
+        raise ValueError(f"projected_lowrank: method must be 'exact' or 'randomized', got {method!r}")
+    v = ops.scaled_matmul(u.T, weight, None, None, None, out_cov.dtype)
+    return u.contiguous(), v

@@ -1,0 +1,102 @@
+"""Plain PyTorch implementations of every emloc kernel: the specification the Triton kernels are tested against.
+
+They favour clarity over speed and accumulate in fp32 (fp64 for fp64 inputs), casting only the final
+result, which is exactly what the kernels must reproduce.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def accumulation_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """fp64 if any input is fp64, else fp32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def covariance_update(cov: Tensor, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``cov += x_sel^T x_sel`` in place; ``x_sel`` holds the rows of ``x (T, n)`` where ``mask (T,)`` is True."""
+    if mask is not None:
+        x = x[mask]
+    x = x.to(cov.dtype)
+    return cov.addmm_(x.T, x)
+
+
+def scaled_matmul(
+    a: Tensor,
+    b: Tensor,
+    row_scale: Tensor | None = None,
+    inner_scale: Tensor | None = None,
+    col_scale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``diag(row_scale) @ a @ diag(inner_scale) @ b @ diag(col_scale)``, accumulated in fp32, cast at the end.
+
+    ``a (m, k)``, ``b (k, n)``, ``row_scale (m,)``, ``inner_scale (k,)``, ``col_scale (n,)``, each scale optional.
+    The result has ``out_dtype``, by default the promoted dtype of ``a`` and ``b``.
+    """
+    result_dtype = out_dtype if out_dtype is not None else torch.promote_types(a.dtype, b.dtype)
+    acc = accumulation_dtype(a, b)
+    a = a.to(acc)
+    if inner_scale is not None:
+        a = a * inner_scale.to(acc)
+    out = a @ b.to(acc)
+    if row_scale is not None:
+        out = out * row_scale.to(acc)[:, None]
+    if col_scale is not None:
+        out = out * col_scale.to(acc)
+    return out.to(result_dtype)
+
+
+def emulator_linear_forward(
+    x: Tensor,
+    v: Tensor,
+    u: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    scaling: float,
+) -> tuple[Tensor, Tensor]:
+    """``y = (x v^T) u^T + bias + scaling (x a^T) b^T`` on ``x (T, n)``; also returns ``xa = x a^T`` for backward.
+
+    ``v (r, n)``, ``u (m, r)``, ``bias (m,)``, ``lora_a (k, n)``, ``lora_b (m, k)``. Without LoRA, ``xa`` has
+    shape ``(T, 0)``. ``y`` and ``xa`` have the dtype of ``x``.
+    """
+    acc = accumulation_dtype(x, v, u)
+    xf = x.to(acc)
+    y = (xf @ v.to(acc).T) @ u.to(acc).T
+    if bias is not None:
+        y = y + bias.to(acc)
+    if lora_a is not None:
+        xa = xf @ lora_a.to(acc).T
+        y = y + scaling * (xa @ lora_b.to(acc).T)
+    else:
+        xa = xf.new_empty(x.shape[0], 0)
+    return y.to(x.dtype), xa.to(x.dtype)
+
+
+def emulator_linear_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    xa: Tensor,
+    v: Tensor,
+    u: Tensor,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    scaling: float,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Gradients of :func:`emulator_linear_forward` w.r.t. ``x``, ``lora_a`` and ``lora_b`` (u and v are frozen).
+
+    ``dx = (dy u) v + scaling (dy b) a``, ``da = scaling (dy b)^T x``, ``db = scaling dy^T xa``; each in the
+    dtype of the tensor it is the gradient of. The bias gradient is ``dy.sum(0)`` and is left to the caller.
+    """
+    acc = accumulation_dtype(grad_y, x, v, u)
+    dy = grad_y.to(acc)
+    dx = (dy @ u.to(acc)) @ v.to(acc)
+    grad_a = grad_b = None
+    if lora_a is not None:
+        dya = scaling * (dy @ lora_b.to(acc))
+        dx = dx + dya @ lora_a.to(acc)
+        grad_a = (dya.T @ x.to(acc)).to(lora_a.dtype)
+        grad_b = (scaling * (dy.T @ xa.to(acc))).to(lora_b.dtype)
+    return dx.to(x.dtype), grad_a, grad_b

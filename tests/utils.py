@@ -1,0 +1,57 @@
+"""Shared test helpers: per-dtype tolerances in one place and a verbose comparison against float64."""
+from __future__ import annotations
+
+import torch
+
+# Relative error bounds (Frobenius norm of the difference over the norm of the float64 reference) for a
+# result computed from inputs of the given dtype with fp32 accumulation. fp16/bf16 are bounded by the
+# rounding of the inputs and of the output cast (unit roundoff 2^-11 and 2^-8), times a small growth factor.
+REL_TOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 4e-3,
+    torch.bfloat16: 3e-2,
+}
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` in float64 (absolute error when expected is zero)."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    diff = torch.linalg.vector_norm(actual - expected).item()
+    scale = torch.linalg.vector_norm(expected).item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                 rtol: float | None = None, what: str = "result") -> float:
+    """Assert ``actual`` matches the float64 ``expected`` within the relative tolerance of ``dtype``.
+
+    Fails with the shape, the relative error, the bound, the worst element and NaN count, so a failure
+    explains itself. Returns the relative error (tests may report it).
+    """
+    dtype = dtype or actual.dtype
+    bound = rtol if rtol is not None else REL_TOL[dtype]
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    nans = int(torch.isnan(actual.detach()).sum())
+    assert nans == 0, f"{what}: {nans} NaN of {actual.numel()} elements (unwritten output?)"
+    err = rel_error(actual, expected)
+    if not err <= bound:
+        diff = (actual.detach().double().cpu() - expected.detach().double().cpu()).abs()
+        worst = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape)) if diff.numel() else ()
+        raise AssertionError(
+            f"{what} ({dtype}, shape {tuple(actual.shape)}): relative error {err:.3e} > {bound:.1e}; "
+            f"worst element {worst}: got {actual.detach().reshape(-1)[diff.argmax()].item():.6g}, "
+            f"expected {expected.detach().reshape(-1)[diff.argmax()].item():.6g}"
+        )
+    return err
+
+
+def non_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values as ``t`` in a non-contiguous layout (every other column of a wider buffer)."""
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    out = wide[..., ::2]
+    assert not out.is_contiguous()
+    return out
