@@ -30,8 +30,9 @@ test: install-test
 test-slow: install-test
 	$(PY) -m pytest -q -m slow tests
 
+# Timings mean nothing in the interpreter: benchmarks run Triton on a GPU and the torch backend on the CPU.
 bench: install-test
-	$(PY) -m pytest -q benchmarks --benchmark-only
+	TRITON_INTERPRET=0 $(PY) -m pytest -q benchmarks --benchmark-only
 
 demo: install
 	$(PY) -m pip install -q -e ".[demo]"
