@@ -1,0 +1,1 @@
+"""Triton kernels, one module per kernel family; each module holds its kernels and their launchers."""
