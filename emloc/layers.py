@@ -66,9 +66,10 @@ class EmulatorLinear(nn.Module):
         if self.lora_a is None or not (self.training and self.lora_dropout > 0):
             return emulator_linear(x, self.v, self.u, self.bias, self.lora_a, self.lora_b, self.lora_scaling)
         base = emulator_linear(x, self.v, self.u, self.bias)
-        dropped = nn.functional.dropout(x, self.lora_dropout, training=True)
+        # The LoRA branch runs in the LoRA weights' dtype (an fp32 LoRA on a bf16 base stays fp32, as in PEFT).
+        dropped = nn.functional.dropout(x.to(self.lora_a.dtype), self.lora_dropout, training=True)
         lora = nn.functional.linear(nn.functional.linear(dropped, self.lora_a), self.lora_b)
-        return base + self.lora_scaling * lora
+        return base + (self.lora_scaling * lora).to(base.dtype)
 
     def extra_repr(self) -> str:
         lora = "" if self.lora_a is None else f", lora_rank={self.lora_a.shape[0]}, lora_scaling={self.lora_scaling:g}"

@@ -111,9 +111,11 @@ def emulator_linear_backward(
 
 @emulator_linear_backward.register_fake
 def _(grad_y, x, xa, v, u, lora_a, lora_b, scaling):
+    # Contiguous, like the kernels' results (empty_like would copy the strides of a non-contiguous x).
+    dx = x.new_empty(x.shape)
     if lora_a is None:
-        return torch.empty_like(x), x.new_empty((0, x.shape[1])), x.new_empty((u.shape[0], 0))
-    return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b)
+        return dx, x.new_empty((0, x.shape[1])), x.new_empty((u.shape[0], 0))
+    return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
 
 def _emulator_linear_setup_context(ctx, inputs, output):
@@ -121,7 +123,7 @@ def _emulator_linear_setup_context(ctx, inputs, output):
     _, xa = output
     ctx.save_for_backward(x, xa, v, u, lora_a, lora_b)
     ctx.scaling = scaling
-    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _emulator_linear_backward(ctx, grad_y, grad_xa):
@@ -135,7 +137,7 @@ def _emulator_linear_backward(ctx, grad_y, grad_xa):
         da = da if needs_a else None
         db = db if needs_b else None
     if needs_bias:
-        dbias = grad_y.sum(0, dtype=torch.float32).to(grad_y.dtype)
+        dbias = grad_y.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
     return dx, None, None, dbias, da, db, None
 
 
