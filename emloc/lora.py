@@ -1,0 +1,255 @@
+"""LoRA on an emulator: injection into its linears, and the adapter as weights that travel between stages.
+
+Emulator layers (:class:`emloc.EmulatorLinear`) carry their LoRA inside the fused kernel; dense
+``nn.Linear`` layers that match the target become :class:`LoraLinear`, an ``nn.Linear`` with the same
+``lora_a`` / ``lora_b`` attributes, so both kinds keep their original parameter names and every later stage
+(checkpoints, correction, export) reads them the same way. LoRA weights are kept in fp32 whatever the base
+dtype: an update of ``lr * step`` on a bf16 weight would mostly round away.
+
+:class:`LoraAdapter` is a trained (or corrected) adapter detached from any model, saved in PEFT's format:
+``adapter_config.json`` and ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` (``(r, in)``) and ``...lora_B.weight`` (``(out, r)``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .layers import EmulatorLinear
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
+    """The LoRA scaling ``s``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+class LoraLinear(nn.Linear):
+    """A dense ``nn.Linear`` with LoRA: ``y = x W^T + b + s * (dropout(x) A^T) B^T``.
+
+    Shares the weight and bias of the layer it replaces, so parameter names and state-dict keys are
+    unchanged; ``lora_a (r, in)``, ``lora_b (out, r)`` and ``lora_scaling`` mirror :class:`EmulatorLinear`.
+    """
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear) -> "LoraLinear":
+        """A LoraLinear holding ``linear``'s own weight and bias (no copy, nothing trains yet)."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        layer.weight, layer.bias = linear.weight, linear.bias
+        layer.lora_a = layer.lora_b = None
+        layer.lora_scaling, layer.lora_dropout = 1.0, 0.0
+        return layer
+
+    def add_lora(self, r: int, alpha: float | None = None, dropout: float = 0.0, rslora: bool = False,
+                 dtype: torch.dtype | None = None) -> None:
+        """Attach LoRA of rank ``r`` with PEFT's init: ``lora_a`` Kaiming-uniform, ``lora_b`` zero."""
+        dtype = dtype or self.weight.dtype
+        self.lora_a = nn.Parameter(torch.empty(r, self.in_features, device=self.weight.device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, r, device=self.weight.device, dtype=dtype))
+        self.lora_scaling = lora_scaling(r, float(r if alpha is None else alpha), rslora)
+        self.lora_dropout = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        if self.lora_a is None:
+            return y
+        x = nn.functional.dropout(x, self.lora_dropout, training=self.training).to(self.lora_a.dtype)
+        return y + (self.lora_scaling * (x @ self.lora_a.T) @ self.lora_b.T).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        lora = "" if self.lora_a is None else f", lora_rank={self.lora_a.shape[0]}, lora_scaling={self.lora_scaling:g}"
+        return super().extra_repr() + lora
+
+
+LoraModule = (EmulatorLinear, LoraLinear)
+
+
+def _matches(name: str, target: str | list[str] | tuple[str, ...]) -> bool:
+    # PEFT's convention: a string is a regular expression matched against the whole name; a list holds
+    # module names or name suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``).
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target)
+
+
+def _candidate_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every emulator or dense linear of ``model``, except its output embedding (the LM head)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, (EmulatorLinear, nn.Linear)) and module is not head}
+
+
+def add_lora(model: nn.Module, target: str | list[str] | None = None, r: int = 8, alpha: float | None = None,
+             dropout: float = 0.0, rslora: bool = False, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Attach LoRA to the linears of ``model`` named by ``target`` and freeze everything else.
+
+    Args:
+        model: an emulator (or any model); its matching :class:`EmulatorLinear` layers get LoRA fused into
+            their kernel, matching dense ``nn.Linear`` layers become :class:`LoraLinear`.
+        target: a regular expression over full module names, or a list of names / name suffixes; by default
+            every linear except the LM head (DESIGN 1.5: all attention and MLP linears).
+        r, alpha, rslora: rank and scaling (``alpha / r``, or ``alpha / sqrt(r)``); ``alpha`` defaults to ``r``.
+        dropout: LoRA dropout probability.
+        dtype: dtype of the LoRA weights (fp32 by default, whatever the base dtype).
+
+    Returns the names of the modules that got LoRA. Raises ValueError if ``target`` matches none.
+    """
+    if r < 1:
+        raise ValueError(f"add_lora: the LoRA rank r must be at least 1, got {r}")
+    candidates = _candidate_linears(model)
+    names = [name for name in candidates if target is None or _matches(name, target)]
+    if not names:
+        some = ", ".join(list(candidates)[:6]) or "none"
+        raise ValueError(f"add_lora: target {target!r} matches no linear layer of the model (linears: {some}, ...)")
+    model.requires_grad_(False)
+    for name in names:
+        module = candidates[name]
+        if not isinstance(module, LoraModule):
+            module = LoraLinear.wrap(module)
+            model.set_submodule(name, module)
+        module.add_lora(r, alpha, dropout, rslora, dtype=dtype)
+    return names
+
+
+def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules of ``model`` that carry LoRA weights, by name."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, LoraModule) and module.lora_a is not None}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable LoRA weights of ``model`` in a fixed order (``lora_a``, ``lora_b`` per module)."""
+    return [p for module in lora_modules(model).values() for p in (module.lora_a, module.lora_b)]
+
+
+@dataclass
+class LoraAdapter:
+    """LoRA weights detached from a model: ``weights[name] = (A (r, in), B (out, r))`` and their scaling.
+
+    Saved and loaded in PEFT's adapter format, so a corrected adapter loads with
+    ``peft.PeftModel.from_pretrained(original_model, directory)``.
+    """
+
+    weights: dict[str, tuple[Tensor, Tensor]]
+    r: int
+    alpha: float
+    rslora: bool = False
+    dropout: float = 0.0
+    base_model: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.alpha, self.rslora)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, alpha: float | None = None, rslora: bool = False,
+                   base_model: str | None = None) -> "LoraAdapter":
+        """Copy the LoRA weights of ``model`` as fp32 CPU tensors.
+
+        Every LoRA module must share one rank and scaling. ``alpha`` and ``rslora`` name how that scaling was
+        formed (checked against it); without ``alpha`` the adapter records ``alpha = s * r`` (same scaling).
+        """
+        modules = lora_modules(model)
+        if not modules:
+            raise ValueError("LoraAdapter.from_model: the model carries no LoRA weights (call add_lora first)")
+        ranks = {m.lora_a.shape[0] for m in modules.values()}
+        scalings = {m.lora_scaling for m in modules.values()}
+        if len(ranks) != 1 or len(scalings) != 1:
+            raise ValueError(f"LoraAdapter.from_model: LoRA modules differ in rank {ranks} or scaling {scalings}")
+        r, scaling = ranks.pop(), scalings.pop()
+        if alpha is None:
+            alpha, rslora = scaling * r, False
+        elif not math.isclose(lora_scaling(r, alpha, rslora), scaling, rel_tol=1e-12):
+            raise ValueError(f"LoraAdapter.from_model: alpha={alpha}, rslora={rslora} give scaling "
+                             f"{lora_scaling(r, alpha, rslora)}, but the model's LoRA scaling is {scaling}")
+        weights = {name: (m.lora_a.detach().float().cpu().clone(), m.lora_b.detach().float().cpu().clone())
+                   for name, m in modules.items()}
+        return cls(weights, r=r, alpha=float(alpha), rslora=rslora,
+                   dropout=next(iter(modules.values())).lora_dropout, base_model=base_model)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT format), each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, (a, b) in self.weights.items():
+            tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()
+            tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
+        config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": self.base_model,
+            "r": self.r, "lora_alpha": self.alpha, "use_rslora": self.rslora, "lora_dropout": self.dropout,
+            "target_modules": sorted(self.weights), "bias": "none", "fan_in_fan_out": False,
+            "inference_mode": True, "init_lora_weights": True, "emloc": self.extra,
+        }
+        weights_tmp = directory / f".{ADAPTER_WEIGHTS}.tmp"
+        save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
+        os.replace(weights_tmp, directory / ADAPTER_WEIGHTS)
+        atomic_write_text(directory / ADAPTER_CONFIG, json.dumps(config, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "LoraAdapter":
+        """Read an adapter saved by :meth:`save` (or by PEFT, for a plain LoRA without biases)."""
+        directory = Path(directory)
+        config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"LoRA adapter: {path} does not exist")
+        config = json.loads(config_path.read_text())
+        if config.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"LoRA adapter {directory}: peft_type is {config.get('peft_type')!r}, not 'LORA'")
+        tensors = load_file(str(weights_path))
+        pairs: dict[str, dict[str, Tensor]] = {}
+        for key, tensor in tensors.items():
+            match = re.fullmatch(rf"{re.escape(_PEFT_PREFIX)}(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+            if match is None:
+                raise ValueError(f"LoRA adapter {weights_path}: unexpected key {key!r}")
+            pairs.setdefault(match[1], {})[match[2]] = tensor
+        weights = {}
+        for name, pair in pairs.items():
+            if set(pair) != {"A", "B"}:
+                raise ValueError(f"LoRA adapter {weights_path}: module {name!r} has lora_{''.join(pair)} only")
+            a, b = pair["A"], pair["B"]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != config["r"] or b.shape[1] != config["r"]:
+                raise ValueError(f"LoRA adapter {weights_path}: module {name!r} has lora_A {tuple(a.shape)} and "
+                                 f"lora_B {tuple(b.shape)}, which do not fit rank r={config['r']}")
+            weights[name] = (a, b)
+        return cls(weights, r=int(config["r"]), alpha=float(config["lora_alpha"]),
+                   rslora=bool(config.get("use_rslora", False)), dropout=float(config.get("lora_dropout", 0.0)),
+                   base_model=config.get("base_model_name_or_path"), extra=config.get("emloc", {}))
+
+    def apply_to(self, model: nn.Module) -> None:
+        """Attach these LoRA weights to ``model`` (emulator or original), by module name, with their scaling."""
+        modules = _candidate_linears(model)
+        missing = sorted(set(self.weights) - set(modules))
+        if missing:
+            raise ValueError(f"LoRA adapter: modules {missing[:5]} are not linear layers of the model")
+        add_lora(model, target=list(self.weights), r=self.r, alpha=self.alpha, rslora=self.rslora)
+        for name, module in lora_modules(model).items():
+            a, b = self.weights[name]
+            if a.shape != module.lora_a.shape or b.shape != module.lora_b.shape:
+                raise ValueError(f"LoRA adapter: {name} has lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}; "
+                                 f"the model's layer needs {tuple(module.lora_a.shape)}, {tuple(module.lora_b.shape)}")
+            with torch.no_grad():
+                module.lora_a.copy_(a)
+                module.lora_b.copy_(b)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary name, so a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
