@@ -1,6 +1,7 @@
 """Activation-aware low-rank factors of a linear layer (DESIGN 1.2, 1.3, 1.3b).
 
-Both forms give the exact minimiser of ``||(W - u v) X^T||_F`` over rank-r matrices:
+Both forms give the minimiser of ``||(W - u v) X^T||_F`` over rank-r matrices (the whitened form exactly
+while ``X^T X`` is nonsingular, to within the eigenvalue clamp otherwise):
 
 * :func:`whitened_lowrank` works in input space: truncated SVD of ``W S`` where ``C = X^T X = S S^T``.
   Best when ``m >= n``; the whitening is computed once per input group and shared by its linears.
@@ -48,8 +49,10 @@ def whitening(cov: Tensor, eps: float = 1e-7) -> Whitening:
     """
     if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
         raise ValueError(f"whitening: covariance must be square (n, n), got {tuple(cov.shape)}")
-    if not cov.is_floating_point() or cov.dtype not in (torch.float32, torch.float64):
+    if cov.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"whitening: covariance must be float32 or float64, got {cov.dtype}")
+    if not eps > 0:
+        raise ValueError(f"whitening: eps must be > 0 so that S is invertible, got {eps}")
     n = cov.shape[0]
     norm = torch.diagonal(cov).sum() / n
     if cov.device.type != "meta" and not bool(torch.isfinite(norm) & (norm > 0)):
@@ -59,11 +62,19 @@ def whitening(cov: Tensor, eps: float = 1e-7) -> Whitening:
     return Whitening(basis=basis, scale=scale)
 
 
-def _check_rank(weight: Tensor, rank: int, fn: str) -> None:
-    if weight.ndim != 2:
-        raise ValueError(f"{fn}: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
-    if not 1 <= rank <= min(weight.shape):
-        raise ValueError(f"{fn}: rank must be in [1, {min(weight.shape)}] for weight {tuple(weight.shape)}, got {rank}")
+METHODS = ("exact", "randomized")
+
+
+def _check_args(fn: str, weight: Tensor, rank: int, method: str, oversample: int, power_iters: int) -> None:
+    """Fail before any work with an error naming the function and the argument at fault."""
+    if weight.ndim != 2 or not weight.is_floating_point():
+        raise ValueError(f"{fn}: weight must be a 2-D (out, in) float tensor, got {weight.dtype} {tuple(weight.shape)}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(weight.shape):
+        raise ValueError(f"{fn}: rank must be an int in [1, {min(weight.shape)}] for weight {tuple(weight.shape)}, got {rank!r}")
+    if method not in METHODS:
+        raise ValueError(f"{fn}: method must be one of {METHODS}, got {method!r}")
+    if oversample < 0 or power_iters < 0:
+        raise ValueError(f"{fn}: oversample and power_iters must be >= 0, got {oversample} and {power_iters}")
 
 
 def _gaussian(rows: int, cols: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -91,11 +102,15 @@ def whitened_lowrank(
     """Input-space factors ``u (m, r)``, ``v (r, n)`` with ``u v`` the best rank-r approximation of ``weight``
     under the calibration covariance (DESIGN 1.3): ``W S = P diag(sigma) R^T``, ``u = P_r diag(sqrt sigma_r)``,
     ``v = diag(sqrt sigma_r) R_r^T S^-1``. Returned in the whitening's dtype (fp32 unless it is fp64).
+
+    ``method="randomized"`` finds the range of ``W S`` from ``rank + oversample`` Gaussian probes refined by
+    ``power_iters`` power iterations (``generator`` seeds the probes).
     """
-    _check_rank(weight, rank, "whitened_lowrank")
-    if weight.shape[1] != whitening.features:
+    _check_args("whitened_lowrank", weight, rank, method, oversample, power_iters)
+    if weight.shape[1] != whitening.features or weight.device != whitening.basis.device:
         raise ValueError(
-            f"whitened_lowrank: weight has {weight.shape[1]} input features, whitening has {whitening.features}"
+            f"whitened_lowrank: weight ({weight.shape[1]} input features, on {weight.device}) does not fit the "
+            f"whitening ({whitening.features} features, on {whitening.basis.device})"
         )
     dtype = whitening.basis.dtype
     ws = ops.scaled_matmul(weight, whitening.basis, None, None, whitening.scale, dtype)  # W S, (m, n)
@@ -103,14 +118,13 @@ def whitened_lowrank(
         left, sigma, right_t = torch.linalg.svd(ws, full_matrices=False)
         root = sigma[:rank].sqrt()
         u = left[:, :rank] * root
-    elif method == "randomized":
+    else:
         k = min(rank + oversample, *ws.shape)
         basis = _range_finder(lambda z: ws @ z, lambda z: ws.T @ z, ws.shape[1], k, ws, power_iters, generator)
         small_left, sigma, right_t = torch.linalg.svd(basis.T @ ws, full_matrices=False)
         root = sigma[:rank].sqrt()
         u = ops.scaled_matmul(basis, small_left[:, :rank], None, None, root, dtype)
-    else:
-        raise ValueError(f"whitened_lowrank: method must be 'exact' or 'randomized', got {method!r}")
+    # v = diag(root) R_r^T diag(1 / scale) Q^T: both scalings fused into one GEMM reading Q^T in place.
     v = ops.scaled_matmul(right_t[:rank], whitening.basis.T, root, 1.0 / whitening.scale, None, dtype)
     return u, v
 
@@ -126,20 +140,27 @@ def projected_lowrank(
 ) -> tuple[Tensor, Tensor]:
     """Output-space factors (DESIGN 1.3b): ``u = P_r`` (m, r), the top-r eigenvectors of ``out_cov = Y^T Y``
     (the layer's output covariance without bias), and ``v = P_r^T W`` (r, n). Returned in out_cov's dtype.
+
+    Exact even when the covariance is singular (fewer calibration tokens than features): nothing is inverted.
+    ``method="randomized"`` is a range finder on ``out_cov`` followed by Rayleigh-Ritz, as in
+    :func:`whitened_lowrank`.
     """
-    _check_rank(weight, rank, "projected_lowrank")
+    _check_args("projected_lowrank", weight, rank, method, oversample, power_iters)
     m = weight.shape[0]
-    if out_cov.shape != (m, m):
-        raise ValueError(f"projected_lowrank: out_cov must be ({m}, {m}) for weight {tuple(weight.shape)}, got {tuple(out_cov.shape)}")
+    if out_cov.shape != (m, m) or out_cov.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"projected_lowrank: out_cov must be a float32/float64 ({m}, {m}) tensor for weight "
+            f"{tuple(weight.shape)}, got {out_cov.dtype} {tuple(out_cov.shape)}"
+        )
+    if out_cov.device != weight.device:
+        raise ValueError(f"projected_lowrank: out_cov is on {out_cov.device}, weight on {weight.device}")
     if method == "exact":
         _, eigvecs = torch.linalg.eigh(out_cov)
         u = eigvecs[:, -rank:].flip(-1)
-    elif method == "randomized":
+    else:
         k = min(rank + oversample, m)
         basis = _range_finder(lambda z: out_cov @ z, lambda z: out_cov @ z, m, k, out_cov, power_iters, generator)
         _, small = torch.linalg.eigh(basis.T @ out_cov @ basis)
         u = basis @ small[:, -rank:].flip(-1)
-    else:
-        raise ValueError(f"projected_lowrank: method must be 'exact' or 'randomized', got {method!r}")
     v = ops.scaled_matmul(u.T, weight, None, None, None, out_cov.dtype)
-    return u.contiguous(), v
+    return u, v
