@@ -23,6 +23,7 @@ from torch import Tensor
 from . import ops
 
 Method = Literal["exact", "randomized"]
+METHODS = ("exact", "randomized")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Whitening:
 
     @property
     def features(self) -> int:
+        """The number of input features ``n``."""
         return self.basis.shape[0]
 
 
@@ -62,9 +64,6 @@ def whitening(cov: Tensor, eps: float = 1e-7) -> Whitening:
     return Whitening(basis=basis, scale=scale)
 
 
-METHODS = ("exact", "randomized")
-
-
 def _check_args(fn: str, weight: Tensor, rank: int, method: str, oversample: int, power_iters: int) -> None:
     """Fail before any work with an error naming the function and the argument at fault."""
     if weight.ndim != 2 or not weight.is_floating_point():
@@ -77,13 +76,12 @@ def _check_args(fn: str, weight: Tensor, rank: int, method: str, oversample: int
         raise ValueError(f"{fn}: oversample and power_iters must be >= 0, got {oversample} and {power_iters}")
 
 
-def _gaussian(rows: int, cols: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(rows, cols, dtype=like.dtype, device=like.device, generator=generator)
-
-
 def _range_finder(apply, apply_t, n: int, k: int, like: Tensor, power_iters: int, generator) -> Tensor:
-    """Orthonormal basis (.., k) of the range of an operator given by ``apply`` (x -> A x) and ``apply_t``."""
-    basis = torch.linalg.qr(apply(_gaussian(n, k, like, generator))).Q
+    """Orthonormal basis (.., k) of the range of an operator on ``n``-vectors given by ``apply`` (z -> A z) and
+    ``apply_t`` (z -> A^T z): ``k`` Gaussian probes in ``like``'s dtype and device, then power iterations
+    (re-orthonormalised each step so small singular directions are not lost to rounding)."""
+    probes = torch.randn(n, k, dtype=like.dtype, device=like.device, generator=generator)
+    basis = torch.linalg.qr(apply(probes)).Q
     for _ in range(power_iters):
         basis = torch.linalg.qr(apply_t(basis)).Q
         basis = torch.linalg.qr(apply(basis)).Q

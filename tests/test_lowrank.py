@@ -11,7 +11,6 @@ import itertools
 import pytest
 import torch
 
-import emloc_kernels
 from emloc_kernels import projected_lowrank, scaled_matmul, whitened_lowrank, whitening
 from utils import FLOAT_DTYPES, REL_TOL, assert_close
 
@@ -310,5 +309,5 @@ def test_meta_tensors_flow_through(method):
                  projected_lowrank(weight, torch.empty(m, m, device="meta"), rank, method)):
         assert u.is_meta and v.is_meta
         assert (u.shape, v.shape, u.dtype, v.dtype) == ((m, rank), (rank, n), torch.float32, torch.float32)
-    out = emloc_kernels.scaled_matmul(weight, white.basis, None, None, white.scale)
+    out = scaled_matmul(weight, white.basis, None, None, white.scale)
     assert out.is_meta and out.shape == (m, n) and out.dtype == torch.float32
