@@ -26,11 +26,12 @@ EIGEN_CLAMP = 1e-7  # relative to trace(C) / n, as in the reference implementati
 
 @dataclass
 class LowRank:
-    """The emulated linear ``y = u (v x) + bias`` and the input covariance it was built from."""
+    """The emulated linear ``y = u (v x) + bias``, with the weight and input covariance it was built from."""
 
     u: Tensor  # (m, r)
     v: Tensor  # (r, n)
     bias: Tensor | None
+    weight: Tensor  # (m, n), the original
     covariance: Tensor  # (n, n), X^T X over the calibration tokens
 
 
@@ -116,9 +117,10 @@ def baseline_build(model_path: str | os.PathLike, batches: Iterable[tuple[Tensor
         rank = lowrank_rank(ratio, linear.out_features, linear.in_features)
         if rank is None:
             continue
-        u, v = whitened_factors(linear.weight.detach(), covariances[name], rank)
+        weight = linear.weight.detach()
+        u, v = whitened_factors(weight, covariances[name], rank)
         bias = None if linear.bias is None else linear.bias.detach()
-        factors[name] = LowRank(u=u, v=v, bias=bias, covariance=covariances[name])
+        factors[name] = LowRank(u=u, v=v, bias=bias, weight=weight, covariance=covariances[name])
     if output_dir is not None:
         save_emulator(model, factors, Path(output_dir))
     return factors
