@@ -1,0 +1,96 @@
+"""Calibration data: read a data file, draw samples with a seed, tokenize, and pad into batches.
+
+Accepted files: JSONL whose rows hold ``text``, chat ``messages`` (role/content, rendered with the
+tokenizer's chat template) or ``conversations`` (ShareGPT from/value, text only); or plain ``.txt``
+(one sample per non-empty line). Batches are right-padded; their ``attention_mask`` is what keeps padding
+out of every covariance.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["CalibrationBatch", "CalibrationError", "load_texts", "make_batches", "tokenize_samples"]
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+          "model": "assistant", "bot": "assistant"}
+
+
+class CalibrationError(ValueError):
+    """The calibration data cannot be used; the message names the file (and line)."""
+
+
+@dataclass
+class CalibrationBatch:
+    """Right-padded token ids ``(B, T)`` and the matching bool ``attention_mask`` (True on real tokens)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def _render(row: dict, tokenizer, where: str) -> str:
+    if "text" in row:
+        return str(row["text"])
+    if "messages" in row:
+        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    elif "conversations" in row:
+        messages = [{"role": _ROLES.get(m["from"], m["from"]), "content": m["value"]} for m in row["conversations"]]
+    else:
+        raise CalibrationError(f"{where}: a row needs 'text', 'messages' or 'conversations', got keys {sorted(row)}")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise CalibrationError(f"{where}: chat data needs a tokenizer with a chat template; this one has none")
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def load_texts(path, tokenizer, max_samples: int = 64, seed: int = 0) -> list[str]:
+    """Up to ``max_samples`` texts drawn from ``path`` without replacement with ``seed`` (file order kept)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"{path}: calibration data file not found")
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    if not lines:
+        raise CalibrationError(f"{path}: calibration data is empty")
+    chosen = sorted(random.Random(seed).sample(range(len(lines)), min(max_samples, len(lines))))
+    if path.suffix == ".txt":
+        return [lines[i][1] for i in chosen]
+    texts = []
+    for i in chosen:
+        number, line = lines[i]
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise CalibrationError(f"{where}: not valid JSON ({exc})") from exc
+        if not isinstance(row, dict):
+            raise CalibrationError(f"{where}: expected a JSON object per line")
+        texts.append(_render(row, tokenizer, where))
+    return texts
+
+
+def tokenize_samples(texts: list[str], tokenizer, max_length: int = 2048) -> list[list[int]]:
+    """Token ids of each text, truncated to ``max_length``; empty texts are dropped."""
+    encoded = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    return [ids for ids in encoded if ids]
+
+
+def make_batches(samples: list[list[int]], batch_size: int, pad_id: int) -> list[CalibrationBatch]:
+    """Right-padded batches of ``batch_size`` samples (the last may be smaller), in sample order."""
+    batches = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.bool)
+        for row, ids in enumerate(chunk):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            mask[row, :len(ids)] = True
+        batches.append(CalibrationBatch(input_ids, mask))
+    return batches

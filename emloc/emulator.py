@@ -1,0 +1,699 @@
+"""Build the emulator layer by layer from a safetensors checkpoint, save it, resume it, load it.
+
+The build (DESIGN 1.1 to 1.4, 2, 5) never materialises the whole model:
+
+1. the model skeleton lives on the meta device; the embedding is loaded to catch each block's inputs and
+   keyword arguments for every calibration batch (:func:`emloc.models.capture_block_inputs`);
+2. block by block: its weights are read from the shards, the calibration batches run through it while
+   forward hooks accumulate one covariance per input group (the output covariance for linears with
+   ``out < in``), the targeted linears are replaced by :class:`~emloc.EmulatorLinear` factors, the block is
+   written to its own shard (atomically, recorded in a manifest) and released back to meta;
+3. the index, the config with its ``emloc`` section, the tokenizer and a JSON report close the directory.
+
+:func:`calibrate_block` and :func:`compress_block` are the per-block steps; they take one block, its
+inputs and its covariances, avoid host syncs on the per-token path, and run on meta tensors as a dry run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from emloc_kernels import covariance_update, projected_lowrank, whitened_lowrank, whitening
+
+from . import models
+from .calibration import CalibrationBatch, CalibrationError, load_texts, make_batches, tokenize_samples
+from .layers import EmulatorLinear
+from .streaming import CheckpointIndex, atomic_write, materialize, release
+
+__all__ = [
+    "BuildError",
+    "LinearPlan",
+    "blockwise_logits",
+    "build_emulator",
+    "calibrate_block",
+    "compress_block",
+    "load_emulator",
+    "plan_compression",
+    "run_block",
+]
+
+FORMAT_VERSION = 1
+MANIFEST = "emloc-manifest.json"
+REPORT = "emloc-report.json"
+INDEX = "model.safetensors.index.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+Compression = float | dict[str, float]
+
+
+class BuildError(ValueError):
+    """The build cannot go on; the message names the option, file, block or module at fault."""
+
+
+# --- planning ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """How one linear of a block is compressed: ``rank`` and the exact route taken (DESIGN 1.3 / 1.3b):
+    ``"output"`` (output covariance, ``out < in``) or ``"input"`` (whitened SVD)."""
+
+    name: str
+    out_features: int
+    in_features: int
+    rank: int
+
+    @property
+    def form(self) -> str:
+        return "output" if self.out_features < self.in_features else "input"
+
+
+def _rank(ratio: float, m: int, n: int) -> int | None:
+    """``floor(ratio m n / (m + n))``, or None when that rank would not save parameters."""
+    rank = max(1, math.floor(ratio * m * n / (m + n)))
+    return rank if rank * (m + n) < m * n else None
+
+
+def _check_ratio(ratio, what: str) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise BuildError(f"{what}: compression ratio must be in (0, 1], got {ratio!r}")
+    return float(ratio)
+
+
+def plan_compression(model: nn.Module, compression: Compression) -> list[list[list[LinearPlan]]]:
+    """Per block, the input groups of its compressed linears (names local to the block).
+
+    ``compression`` is one ratio for every linear of the decoder blocks, or ``{regex: ratio}`` matched
+    (``re.fullmatch``) against full module names, first match wins. Linears whose rank would not save
+    parameters stay dense. Raises :class:`BuildError` for a ratio outside (0, 1] or a pattern that
+    matches no linear of the blocks.
+    """
+    if isinstance(compression, dict):
+        if not compression:
+            raise BuildError("compression: the pattern dict is empty")
+        rules = [(re.compile(pattern), _check_ratio(ratio, f"compression pattern {pattern!r}"))
+                 for pattern, ratio in compression.items()]
+    else:
+        rules = [(re.compile(".*"), _check_ratio(compression, "compression"))]
+    prefix, stack = models.block_stack(model)
+    used, plans = set(), []
+    for index, block in enumerate(stack):
+        groups = []
+        for group in models.input_groups(block):
+            members = []
+            for local in group:
+                full = f"{prefix}.{index}.{local}"
+                ratio = next((r for pattern, r in rules if pattern.fullmatch(full) and not used.add(pattern.pattern)), None)
+                linear = block.get_submodule(local)
+                rank = None if ratio is None else _rank(ratio, linear.out_features, linear.in_features)
+                if rank is not None:
+                    members.append(LinearPlan(local, linear.out_features, linear.in_features, rank))
+            if members:
+                groups.append(members)
+        plans.append(groups)
+    unused = [pattern for pattern, _ in rules if pattern.pattern not in used]
+    if unused:
+        raise BuildError(f"compression: pattern {unused[0].pattern!r} matches no linear of the decoder blocks "
+                         f"(names look like {prefix}.0.{models.input_groups(stack[0])[0][0]})")
+    return plans
+
+
+# --- the per-block steps ----------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockInput:
+    """One micro-batch entering a block: hidden states, the block's keyword arguments, the padding mask."""
+
+    hidden: Tensor
+    kwargs: dict
+    mask: Tensor
+
+
+def _covariance_keys(group: list[LinearPlan]) -> list[tuple[str, int]]:
+    keys = [(f"out:{p.name}", p.out_features) for p in group if p.form == "output"]
+    if any(p.form == "input" for p in group):
+        keys.append((f"in:{group[0].name}", group[0].in_features))
+    return keys
+
+
+def calibrate_block(block: nn.Module, plan: list[list[LinearPlan]], inputs: Iterable[BlockInput],
+                    covariances: dict[str, Tensor] | None = None, keep_outputs: bool = True):
+    """Run ``inputs`` through ``block`` and accumulate, without host syncs, one fp32 covariance per input
+    group that has a linear taking the whitened route (key ``"in:<first linear>"``), and the output
+    covariance (without bias) of every linear taking the output route (key ``"out:<linear>"``).
+
+    Padding tokens (``mask`` False) never enter a covariance. Returns ``(covariances, outputs)``; outputs
+    is a list of the block outputs (None when ``keep_outputs`` is False). Runs on meta tensors too.
+    """
+    device = next(block.parameters()).device
+    if covariances is None:
+        covariances = {key: torch.zeros(size, size, dtype=torch.float32, device=device)
+                       for group in plan for key, size in _covariance_keys(group)}
+    current: dict[str, Tensor] = {}
+    hooks = []
+
+    def input_hook(key):
+        def hook(module, args):  # returns None: the linear's input is left untouched
+            covariance_update(covariances[key], args[0], current["mask"])
+        return hook
+
+    def output_hook(key):
+        def hook(module, args, out):
+            y = out if module.bias is None else out - module.bias
+            covariance_update(covariances[key], y, current["mask"])
+        return hook
+
+    for group in plan:
+        for key, _ in _covariance_keys(group):
+            kind, name = key.split(":", 1)
+            module = block.get_submodule(name)
+            hooks.append(module.register_forward_pre_hook(input_hook(key)) if kind == "in"
+                         else module.register_forward_hook(output_hook(key)))
+    outputs = [] if keep_outputs else None
+    try:
+        with torch.no_grad():
+            for item in inputs:
+                current["mask"] = item.mask
+                out = block(item.hidden, **item.kwargs)
+                if keep_outputs:
+                    outputs.append(out)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return covariances, outputs
+
+
+def run_block(block: nn.Module, inputs: Iterable[BlockInput]) -> list[Tensor]:
+    """The block's outputs for ``inputs`` (no covariances)."""
+    with torch.no_grad():
+        return [block(item.hidden, **item.kwargs) for item in inputs]
+
+
+def compress_block(block: nn.Module, plan: list[list[LinearPlan]], covariances: dict[str, Tensor],
+                   svd: Literal["exact", "randomized"] = "exact", seed: int = 0) -> dict[str, dict]:
+    """Replace each planned linear of ``block`` by an :class:`EmulatorLinear` in the block's dtype: one
+    whitening (eigendecomposition) per input group shared by its whitened-route linears, one output-space
+    factorisation per output-route linear. Returns ``{name: {"rank", "form", "error"}}`` where ``error`` is
+    the relative reconstruction error ``||(W - u v) X^T|| / ||W X^T||`` on the calibration data, a 0-d
+    tensor (no host sync; meta on a dry run)."""
+    reports = {}
+    for group in plan:
+        shared = None
+        for linear in group:
+            module = block.get_submodule(linear.name)
+            weight = module.weight.float()
+            generator = _generator(seed, weight.device)
+            if linear.form == "output":
+                out_cov = covariances[f"out:{linear.name}"]
+                u, v = projected_lowrank(weight, out_cov, linear.rank, svd, generator=generator)
+                kept = torch.diagonal(u.T @ out_cov @ u).sum()
+                total = torch.diagonal(out_cov).sum()
+                error = ((total - kept).clamp_min(0) / total).sqrt()
+            else:
+                cov = covariances[f"in:{group[0].name}"]
+                shared = shared or whitening(cov)
+                u, v = whitened_lowrank(weight, shared, linear.rank, svd, generator=generator)
+                residual = weight - u @ v
+                error = ((residual @ cov * residual).sum() / (weight @ cov * weight).sum()).clamp_min(0).sqrt()
+            dtype = module.weight.dtype
+            bias = None if module.bias is None else module.bias
+            parent, _, leaf = linear.name.rpartition(".")
+            block.get_submodule(parent).register_module(
+                leaf, EmulatorLinear.from_factors(u.to(dtype), v.to(dtype), bias))
+            reports[linear.name] = {"rank": linear.rank, "form": linear.form, "error": error}
+    return reports
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator | None:
+    if device.type == "meta":
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def check_finite(covariances: dict[str, Tensor], outputs_ok: Tensor | None, block_name: str) -> None:
+    """Raise naming the block and module whose calibration activations hold NaN or Inf (one sync per
+    covariance, after the block's pass)."""
+    for key, cov in covariances.items():
+        if cov.device.type != "meta" and not bool(torch.isfinite(cov).all()):
+            kind, name = key.split(":", 1)
+            where = "input" if kind == "in" else "output"
+            raise BuildError(f"{block_name}.{name}: calibration {where} activations contain NaN or Inf")
+    if outputs_ok is not None and outputs_ok.device.type != "meta" and not bool(outputs_ok):
+        raise BuildError(f"{block_name}: block output contains NaN or Inf")
+
+
+def emulate_block(block: nn.Module, plan: list[list[LinearPlan]]) -> nn.Module:
+    """Swap the planned linears of ``block`` for empty :class:`EmulatorLinear` (meta) of the planned rank,
+    ready to receive saved factors."""
+    for group in plan:
+        for linear in group:
+            module = block.get_submodule(linear.name)
+            parent, _, leaf = linear.name.rpartition(".")
+            block.get_submodule(parent).register_module(leaf, EmulatorLinear(
+                linear.in_features, linear.out_features, linear.rank, bias=module.bias is not None,
+                device="meta", dtype=module.weight.dtype))
+    return block
+
+
+# --- host-side activation store ---------------------------------------------------------------------------
+
+
+class ActivationStore:
+    """Calibration activations between blocks: kept in host memory up to ``budget`` bytes, spilled to
+    files under ``spill_dir`` beyond it. Slots are replaced in place as a block's outputs arrive."""
+
+    def __init__(self, spill_dir: Path, budget: int) -> None:
+        self.spill_dir, self.budget = spill_dir, budget
+        self.slots: dict[int, Tensor | Path] = {}
+
+    def _in_memory(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.slots.values() if isinstance(t, Tensor))
+
+    def put(self, slot: int, tensor: Tensor) -> None:
+        tensor = tensor.detach().to("cpu")
+        previous = self.slots.pop(slot, None)
+        if isinstance(previous, Path):
+            previous.unlink(missing_ok=True)
+        if self._in_memory() + tensor.numel() * tensor.element_size() <= self.budget:
+            self.slots[slot] = tensor
+        else:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            path = self.spill_dir / f"activations-{slot}.safetensors"
+            save_file({"hidden": tensor.contiguous()}, str(path))
+            self.slots[slot] = path
+
+    def get(self, slot: int, device) -> Tensor:
+        value = self.slots[slot]
+        tensor = load_file(str(value))["hidden"] if isinstance(value, Path) else value
+        return tensor.to(device)
+
+    def close(self) -> None:
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+
+def _host_budget() -> int:
+    """Half of the host memory available now."""
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _to(tree, device, memo: dict):
+    """Move the tensors of a kwargs tree to ``device``; a tensor shared between trees is moved once."""
+    if isinstance(tree, Tensor):
+        if id(tree) not in memo:
+            memo[id(tree)] = (tree, tree.to(device))
+        return memo[id(tree)][1]
+    if isinstance(tree, dict):
+        return {k: _to(v, device, memo) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_to(v, device, memo) for v in tree)
+    return tree
+
+
+# --- the source model, streamed ---------------------------------------------------------------------------
+
+
+class _Source:
+    """The source checkpoint as a meta skeleton plus shard index; loads and releases modules on demand."""
+
+    def __init__(self, model_path, device, dtype) -> None:
+        self.path = Path(model_path)
+        self.config = models.load_config(self.path)
+        self.index = CheckpointIndex(self.path)
+        self.model = models.skeleton(self.config)
+        self.prefix, self.stack = models.block_stack(self.model)
+        self.device = torch.device(device)
+        self.dtype = dtype or _config_dtype(self.config)
+        models.tie_embeddings(self.model)
+        self.parameters = sum(p.numel() for p in self.model.parameters())  # before any compression
+
+    def outer_names(self) -> list[str]:
+        """Full names of the parameters outside the block stack (embedding, final norm, LM head)."""
+        return [name for name, _ in self.model.named_parameters() if not name.startswith(self.prefix + ".")]
+
+    def _stack_within(self, child: str) -> str | None:
+        """The block stack's name local to top-level ``child`` (to skip it), None if it is elsewhere."""
+        return self.prefix[len(child) + 1:] + "." if self.prefix.startswith(child + ".") else None
+
+    def load_outer(self) -> None:
+        for name, module in self.model.named_children():
+            materialize(module, name, self.index, self.device, self.dtype, skip=self._stack_within(name))
+            models.tie_embeddings(self.model)  # a tied LM head then holds the loaded embedding
+
+    def release_outer(self) -> None:
+        for name, module in self.model.named_children():
+            release(module, skip=self._stack_within(name))
+        models.tie_embeddings(self.model)
+
+    def load_block(self, index: int) -> nn.Module:
+        return materialize(self.stack[index], f"{self.prefix}.{index}", self.index, self.device, self.dtype)
+
+    def capture(self, batches: list[CalibrationBatch], store: ActivationStore) -> list[list[dict]]:
+        """Fill ``store`` with block 0's input per batch; return per batch the kwargs of every block (host)."""
+        kwargs_per_batch = []
+        for slot, batch in enumerate(batches):
+            hidden, kwargs = models.capture_block_inputs(
+                self.model, batch.input_ids.to(self.device), batch.attention_mask.to(self.device))
+            store.put(slot, hidden)
+            kwargs_per_batch.append(_to(kwargs, "cpu", {}))
+        return kwargs_per_batch
+
+
+def _config_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _inputs(store: ActivationStore, kwargs_per_batch, batches, block: int, device) -> Iterable[BlockInput]:
+    memo: dict = {}
+    for slot, batch in enumerate(batches):
+        yield BlockInput(store.get(slot, device), _to(kwargs_per_batch[slot][block], device, memo),
+                         batch.attention_mask.to(device))
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def blockwise_logits(model_path, batches: list[CalibrationBatch], *, device=None, dtype=None) -> list[Tensor]:
+    """Logits of the source model computed block by block through the streaming path, with nothing
+    compressed: one block's weights at a time. This is the pass the build runs, and what must reproduce
+    the full model's logits exactly."""
+    source = _Source(model_path, device or _default_device(), dtype)
+    with tempfile.TemporaryDirectory() as spill:
+        store = ActivationStore(Path(spill), _host_budget())
+        source.load_outer()
+        kwargs = source.capture(batches, store)
+        for index in range(len(source.stack)):
+            block = source.load_block(index)
+            for slot, out in enumerate(run_block(block, _inputs(store, kwargs, batches, index, source.device))):
+                store.put(slot, out)
+            release(block)
+        return [models.logits_from_hidden(source.model, b.input_ids.to(source.device),
+                                          b.attention_mask.to(source.device), store.get(slot, source.device))
+                for slot, b in enumerate(batches)]
+
+
+# --- the emulator directory -------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data) -> None:
+    atomic_write(path, lambda temp: temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    state = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    atomic_write(path, lambda temp: save_file(state, str(temp), metadata={"format": "pt"}))
+
+
+def _shard_name(number: int, total: int) -> str:
+    return f"model-{number:05d}-of-{total:05d}.safetensors"
+
+
+class _Manifest:
+    """``emloc-manifest.json``: the build settings and, per finished shard, its file and SHA-256.
+
+    A directory whose manifest holds other settings is refused unless ``overwrite``; on resume, shards
+    whose bytes no longer match the manifest are rebuilt."""
+
+    def __init__(self, directory: Path, settings: dict, resume: bool, overwrite: bool) -> None:
+        self.directory, self.path = directory, directory / MANIFEST
+        existing = json.loads(self.path.read_text()) if self.path.is_file() else None
+        if existing is not None and existing.get("settings") != settings and not overwrite:
+            changed = sorted(k for k in set(settings) | set(existing.get("settings", {}))
+                             if settings.get(k) != existing.get("settings", {}).get(k))
+            raise BuildError(f"{directory}: holds an emulator built with other settings ({', '.join(changed)}); "
+                             "pass overwrite=True (--overwrite) to replace it")
+        if existing is None and directory.is_dir() and any(directory.iterdir()) and not overwrite:
+            raise BuildError(f"{directory}: exists, is not empty and holds no emloc build; "
+                             "pass overwrite=True (--overwrite) to build there anyway")
+        keep = existing is not None and existing.get("settings") == settings and resume
+        if existing is not None and not keep:
+            self._remove_build(existing)
+        self.settings = settings
+        self.done: dict[str, dict] = existing.get("done", {}) if keep else {}
+        directory.mkdir(parents=True, exist_ok=True)
+        self._save()
+
+    def _remove_build(self, existing: dict) -> None:
+        """Delete the files of a previous build (only those its manifest and layout name)."""
+        names = {entry["file"] for entry in existing.get("done", {}).values()} | {INDEX, REPORT, "config.json"}
+        for name in names:
+            (self.directory / name).unlink(missing_ok=True)
+
+    def finished(self, unit: str) -> dict | None:
+        """The record of ``unit`` if its shard is on disk with the recorded bytes, else None."""
+        entry = self.done.get(unit)
+        if entry is None:
+            return None
+        path = self.directory / entry["file"]
+        return entry if path.is_file() and _sha256(path) == entry["sha256"] else None
+
+    def record(self, unit: str, file: str, extra: dict) -> None:
+        self.done[unit] = {"file": file, "sha256": _sha256(self.directory / file), **extra}
+        self._save()
+
+    def _save(self) -> None:
+        _write_json(self.path, {"format_version": FORMAT_VERSION, "settings": self.settings, "done": self.done})
+
+
+def _tokenizer(model_path: Path):
+    if not any((model_path / name).is_file() for name in _TOKENIZER_FILES):
+        raise BuildError(f"{model_path}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+                         "the calibration data cannot be tokenized")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as exc:
+        raise BuildError(f"{model_path}: cannot load its tokenizer ({exc})") from exc
+
+
+def _calibration_batches(data, tokenizer, max_samples, max_length, batch_size, seed) -> list[CalibrationBatch]:
+    texts = load_texts(data, tokenizer, max_samples, seed)
+    samples = tokenize_samples(texts, tokenizer, max_length)
+    if not samples:
+        raise CalibrationError(f"{data}: no calibration sample has any token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return make_batches(samples, batch_size, pad)
+
+
+def _file_hash(path) -> str:
+    return _sha256(Path(path))
+
+
+def build_emulator(
+    model_path,
+    data,
+    output_dir,
+    compression: Compression = 0.4,
+    *,
+    device=None,
+    dtype: torch.dtype | None = None,
+    max_samples: int = 64,
+    max_length: int = 2048,
+    svd: Literal["exact", "randomized"] = "exact",
+    propagate: Literal["original", "emulator"] = "original",
+    resume: bool = True,
+    overwrite: bool = False,
+    batch_size: int = 4,
+    seed: int = 0,
+    host_budget: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build the emulator of the checkpoint in ``model_path`` into ``output_dir``, one block at a time.
+
+    Args:
+        model_path: a transformers causal-LM directory with safetensors shards and a tokenizer.
+        data: calibration file (JSONL with ``text`` / ``messages`` / ``conversations``, or ``.txt``).
+        output_dir: the emulator directory (DESIGN 5); loaded with :func:`load_emulator`.
+        compression: one ratio in (0, 1] for every linear of the decoder blocks, or ``{regex: ratio}`` over
+            full module names (first match wins). Rank ``floor(ratio m n / (m + n))``; layers where that
+            saves no parameters stay dense.
+        device: where each block runs (default CUDA when available); activations wait on the host.
+        dtype: compute and storage dtype (default: the checkpoint's).
+        max_samples, max_length, batch_size, seed: calibration samples drawn with ``seed``, truncated to
+            ``max_length`` tokens, run ``batch_size`` at a time.
+        svd: ``"exact"`` or ``"randomized"`` factorisations.
+        propagate: feed each block the original model's activations (``"original"``, the reference
+            behaviour) or the compressed blocks' outputs (``"emulator"``).
+        resume: continue an interrupted build with the same settings at its first unfinished block.
+        overwrite: replace a directory built with other settings.
+        host_budget: bytes of host memory for activations before they spill to disk (default: half the
+            available memory).
+        progress: show a progress bar per block.
+
+    Returns the output directory. The build report is in ``emloc-report.json`` there.
+    """
+    model_path, output_dir = Path(model_path), Path(output_dir)
+    if svd not in ("exact", "randomized"):
+        raise BuildError(f"svd: must be 'exact' or 'randomized', got {svd!r}")
+    if propagate not in ("original", "emulator"):
+        raise BuildError(f"propagate: must be 'original' or 'emulator', got {propagate!r}")
+    source = _Source(model_path, device or _default_device(), dtype)
+    plan = plan_compression(source.model, compression)
+    tokenizer = _tokenizer(model_path)
+    batches = _calibration_batches(data, tokenizer, max_samples, max_length, batch_size, seed)
+    settings = {
+        "source": {"path": str(model_path.resolve()), "hash": source.index.content_hash()},
+        "compression": compression if isinstance(compression, dict) else {".*": float(compression)},
+        "calibration": {"data": str(Path(data).resolve()), "data_hash": _file_hash(data), "samples": sum(
+            len(b.input_ids) for b in batches), "max_samples": max_samples, "max_length": max_length,
+            "batch_size": batch_size, "seed": seed, "tokens": sum(b.tokens for b in batches)},
+        "svd": svd,
+        "propagate": propagate,
+        "dtype": str(source.dtype).removeprefix("torch."),
+    }
+    manifest = _Manifest(output_dir, settings, resume, overwrite)
+    blocks = len(source.stack)
+    total = blocks + 1
+    store = ActivationStore(output_dir / ".emloc-activations", host_budget or _host_budget())
+    try:
+        source.load_outer()
+        kwargs = source.capture(batches, store)
+        outer_file = _shard_name(1, total)
+        if manifest.finished("outer") is None:
+            _save_tensors(output_dir / outer_file, {n: source.model.get_parameter(n) for n in source.outer_names()})
+            manifest.record("outer", outer_file, {})
+        source.release_outer()
+        for index in range(blocks):
+            name = f"{source.prefix}.{index}"
+            file = _shard_name(index + 2, total)
+            inputs = lambda: _inputs(store, kwargs, batches, index, source.device)  # noqa: E731
+            bar = tqdm(total=len(batches), desc=f"block {index + 1}/{blocks}", unit="batch", disable=not progress)
+            if manifest.finished(name) is not None:
+                block = _finished_block(source, index, plan[index], output_dir / file, propagate)
+                outputs = run_block(block, _counted(inputs(), bar))
+            else:
+                block = source.load_block(index)
+                covariances, outputs = calibrate_block(block, plan[index], _counted(inputs(), bar),
+                                                       keep_outputs=propagate == "original")
+                ok = None if outputs is None else torch.stack([torch.isfinite(o).all() for o in outputs]).all()
+                check_finite(covariances, ok, name)
+                reports = compress_block(block, plan[index], covariances, svd, seed=seed + index)
+                del covariances
+                if propagate == "emulator":
+                    outputs = run_block(block, inputs())
+                    check_finite({}, torch.stack([torch.isfinite(o).all() for o in outputs]).all(), name)
+                _save_tensors(output_dir / file, {f"{name}.{k}": t for k, t in block.state_dict().items()})
+                manifest.record(name, file, {"modules": {
+                    f"{name}.{local}": {"rank": r["rank"], "form": r["form"], "error": float(r["error"])}
+                    for local, r in reports.items()}})
+            bar.close()
+            for slot, out in enumerate(outputs):
+                store.put(slot, out)
+            del outputs
+            release(block)
+        _finish(output_dir, source, manifest, tokenizer, total)
+    finally:
+        store.close()
+    return output_dir
+
+
+def _counted(items, bar):
+    for item in items:
+        yield item
+        bar.update(1)
+
+
+def _finished_block(source: _Source, index: int, plan, path: Path, propagate: str) -> nn.Module:
+    """Block ``index`` ready to propagate activations on resume: the original weights, or the saved
+    emulator block when the build feeds compressed outputs forward."""
+    if propagate == "original":
+        return source.load_block(index)
+    block = emulate_block(source.stack[index], plan)
+    prefix = f"{source.prefix}.{index}."
+    state = {k.removeprefix(prefix): t.to(source.device) for k, t in load_file(str(path)).items()}
+    block.load_state_dict(state, assign=True)
+    return block.requires_grad_(False)
+
+
+def _finish(output_dir: Path, source: _Source, manifest: _Manifest, tokenizer, total: int) -> None:
+    """Index, config with its ``emloc`` section, tokenizer files and the JSON report."""
+    weight_map = {}
+    for entry in manifest.done.values():
+        with open(output_dir / entry["file"], "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        weight_map.update({key: entry["file"] for key in header if key != "__metadata__"})
+    size = sum((output_dir / e["file"]).stat().st_size for e in manifest.done.values())
+    _write_json(output_dir / INDEX, {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))})
+    modules = {name: info for entry in manifest.done.values() for name, info in entry.get("modules", {}).items()}
+    config = source.config.to_dict()
+    config["dtype"] = manifest.settings["dtype"]
+    config["emloc"] = {
+        "format_version": FORMAT_VERSION,
+        "source": manifest.settings["source"],
+        "compression": manifest.settings["compression"],
+        "calibration": manifest.settings["calibration"],
+        "svd": manifest.settings["svd"],
+        "propagate": manifest.settings["propagate"],
+        "modules": {name: {"rank": info["rank"]} for name, info in sorted(modules.items())},
+    }
+    _write_json(output_dir / "config.json", config)
+    tokenizer.save_pretrained(output_dir)
+    before = source.parameters
+    saved = 0
+    for name, info in modules.items():
+        linear = source.model.get_submodule(name)
+        saved += linear.out_features * linear.in_features - info["rank"] * (linear.out_features + linear.in_features)
+    _write_json(output_dir / REPORT, {"parameters_before": before, "parameters_after": before - saved,
+                                      "modules": dict(sorted(modules.items()))})
+
+
+def load_emulator(path, device=None, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load an emulator directory as an ordinary transformers causal LM whose compressed linears are
+    :class:`emloc.EmulatorLinear`. Needs nothing from the source model.
+
+    Args:
+        path: a directory written by :func:`build_emulator`.
+        device: where to put the model (default CPU).
+        dtype: cast floating-point weights to this dtype (default: the dtype it was built in).
+    """
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file() or "emloc" not in json.loads(config_path.read_text()):
+        raise BuildError(f"{path}: not an emloc emulator directory (config.json without an 'emloc' section)")
+    section = json.loads(config_path.read_text())["emloc"]
+    config = models.load_config(path)
+    model = models.skeleton(config)
+    for name, info in section["modules"].items():
+        linear = model.get_submodule(name)
+        parent, _, leaf = name.rpartition(".")
+        model.get_submodule(parent).register_module(leaf, EmulatorLinear(
+            linear.in_features, linear.out_features, info["rank"], bias=linear.bias is not None,
+            device="meta", dtype=linear.weight.dtype))
+    models.tie_embeddings(model)
+    index = CheckpointIndex(path)
+    for name, module in model.named_children():
+        materialize(module, name, index, device or "cpu", dtype)
+        models.tie_embeddings(model)
+    model.to(device or "cpu")
+    return model

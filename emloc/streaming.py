@@ -1,0 +1,182 @@
+"""Stream a safetensors checkpoint one module at a time: shard index, lazy load to a device, release to meta.
+
+A model skeleton lives on the meta device (see :func:`emloc.models.skeleton`); :func:`materialize` reads
+just the tensors of one module (a decoder block, the embedding) from the shards that hold them, and
+:func:`release` returns that module to meta so its memory is freed. The whole model never exists at once.
+
+    index = CheckpointIndex(model_dir)
+    materialize(block, "model.layers.7", index, device="cuda", dtype=torch.bfloat16)
+    ...  # use the block
+    release(block)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+__all__ = ["CheckpointError", "CheckpointIndex", "atomic_write", "materialize", "release"]
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or lacks a tensor; the message names the file."""
+
+
+class CheckpointIndex:
+    """Which shard holds which tensor, read from ``model.safetensors.index.json`` (or a single
+    ``model.safetensors``). Opening validates that every shard named by the index exists.
+
+    Attributes:
+        directory: the checkpoint directory.
+        weight_map: checkpoint key -> shard file name.
+    """
+
+    def __init__(self, directory) -> None:
+        self.directory = Path(directory)
+        index_path = self.directory / INDEX_FILE
+        if index_path.is_file():
+            try:
+                self.weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc})") from exc
+        elif (self.directory / SINGLE_FILE).is_file():
+            self.weight_map = {key: SINGLE_FILE for key in self._keys_of(SINGLE_FILE)}
+        else:
+            raise CheckpointError(f"{self.directory}: no {INDEX_FILE} or {SINGLE_FILE} found")
+        for file in self.files:
+            if not (self.directory / file).is_file():
+                raise CheckpointError(f"{self.directory / file}: shard listed in {INDEX_FILE} is missing")
+
+    @property
+    def files(self) -> list[str]:
+        """The shard file names, in index order, each once."""
+        return list(dict.fromkeys(self.weight_map.values()))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def _keys_of(self, file: str) -> list[str]:
+        path = self.directory / file
+        try:
+            with safe_open(path, framework="pt") as shard:
+                return list(shard.keys())
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path}: cannot read safetensors shard ({exc})") from exc
+
+    def load(self, keys, device="cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Read ``keys`` from their shards (each shard opened once) onto ``device``, floating-point tensors
+        cast to ``dtype`` when given. Raises :class:`CheckpointError` naming the shard at fault."""
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            if key not in self.weight_map:
+                raise CheckpointError(f"{self.directory}: checkpoint has no tensor {key!r}")
+            by_file.setdefault(self.weight_map[key], []).append(key)
+        out = {}
+        for file, file_keys in by_file.items():
+            path = self.directory / file
+            try:
+                with safe_open(path, framework="pt", device="cpu") as shard:
+                    for key in file_keys:
+                        out[key] = shard.get_tensor(key)
+            except (SafetensorError, OSError, RuntimeError) as exc:
+                raise CheckpointError(f"{path}: cannot read safetensors shard ({exc})") from exc
+        for key, tensor in out.items():
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            out[key] = tensor.to(device)
+        return out
+
+    def content_hash(self) -> str:
+        """SHA-256 over the index and each shard's size and safetensors header (tensor names, dtypes,
+        shapes, offsets): cheap on a 76 GB checkpoint, and it changes whenever the stored tensors do
+        in layout (a rewrite with identical layout but other values is not detected)."""
+        digest = hashlib.sha256(json.dumps(self.weight_map, sort_keys=True).encode())
+        for file in sorted(self.files):
+            path = self.directory / file
+            with open(path, "rb") as handle:
+                head = handle.read(8)
+                size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+                digest.update(file.encode() + struct.pack("<Q", path.stat().st_size) + handle.read(min(size, 1 << 26)))
+        return digest.hexdigest()
+
+
+def _split(name: str) -> tuple[str, str]:
+    parent, _, leaf = name.rpartition(".")
+    return parent, leaf
+
+
+def materialize(module: nn.Module, prefix: str, index: CheckpointIndex, device="cpu",
+                dtype: torch.dtype | None = None, key_of=None, skip: str | None = None) -> nn.Module:
+    """Load every parameter and persistent buffer of ``module`` (named ``prefix`` in the full model) from
+    the checkpoint onto ``device``; tensors already off the meta device are left as they are.
+
+    ``key_of(name) -> checkpoint key`` maps a full module name to its key (identity by default); tensors
+    whose local name starts with ``skip`` (e.g. ``"layers."``: the block stack) are left alone.
+    Parameters come back frozen (``requires_grad=False``).
+    """
+    key_of = key_of or (lambda name: name)
+    full = lambda local: f"{prefix}.{local}" if prefix else local  # noqa: E731
+    wanted = {local: key_of(full(local)) for local, t in _persistent_tensors(module, skip)
+              if t.device.type == "meta"}
+    loaded = index.load(wanted.values(), device=device, dtype=dtype)
+    for local, key in wanted.items():
+        parent, leaf = _split(local)
+        owner = module.get_submodule(parent)
+        tensor = loaded[key]
+        if leaf in owner._parameters:
+            expected = owner._parameters[leaf].shape
+            if tensor.shape != expected:
+                raise CheckpointError(f"{index.directory / index.weight_map[key]}: {key} has shape "
+                                      f"{tuple(tensor.shape)}, the model expects {tuple(expected)}")
+            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            owner._buffers[leaf] = tensor
+    return module
+
+
+def _persistent_tensors(module: nn.Module, skip: str | None = None):
+    """(local name, tensor) of every parameter and persistent buffer, each shared tensor once, except
+    names starting with ``skip``."""
+    found = list(module.named_parameters())
+    for sub_name, sub in module.named_modules():
+        for leaf, buf in sub._buffers.items():
+            if buf is not None and leaf not in sub._non_persistent_buffers_set:
+                found.append(((f"{sub_name}.{leaf}" if sub_name else leaf), buf))
+    return [(name, t) for name, t in found if not (skip and name.startswith(skip))]
+
+
+def release(module: nn.Module, skip: str | None = None) -> nn.Module:
+    """Return every parameter and persistent buffer of ``module`` (except names starting with ``skip``) to
+    the meta device, freeing its memory; non-persistent buffers such as rotary frequencies stay, they are
+    not in the checkpoint."""
+    for local, tensor in _persistent_tensors(module, skip):
+        parent, leaf = _split(local)
+        owner = module.get_submodule(parent)
+        meta = torch.empty_like(tensor, device="meta")
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(meta, requires_grad=False)
+        else:
+            owner._buffers[leaf] = meta
+    return module
+
+
+def atomic_write(path, write) -> Path:
+    """Call ``write(temp_path)`` then rename the temporary file onto ``path``: a reader (or a resumed run)
+    sees either the old file or the complete new one, never a partial write."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
