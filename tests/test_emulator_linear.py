@@ -1,0 +1,203 @@
+"""emulator_linear: forward and gradients against float64, the Triton path in the interpreter, fakes, compile.
+
+Inputs are drawn in the tested dtype and the float64 reference is computed from those very values, so the
+measured error is the kernel's own (fp32 accumulation, intermediate and output rounding), bounded per
+dtype by ``tests.utils.REL_TOL``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import emloc_kernels
+from emloc_kernels.triton import emulator_linear as triton_emulator_linear
+from tests.utils import FLOAT_DTYPES, REL_TOL, assert_close, non_contiguous
+
+# (tokens, in n, emulator rank r, out m, LoRA rank k): size one everywhere, odd sizes straddling the
+# interpreter's 32-wide tiles, and a rank wider than one tile.
+SHAPES = [(1, 1, 1, 1, 1), (37, 70, 19, 45, 5), (20, 33, 40, 17, 3)]
+SCALING = 0.75
+
+
+def make_layer(n, r, m, k, dtype, lora_dtype=None, bias=True, lora=True):
+    """Random emulator factors (frozen) and optionally a bias and LoRA weights (trainable), all nonzero."""
+    lora_dtype = lora_dtype or dtype
+    params = {
+        "v": (torch.randn(r, n) / n**0.5).to(dtype),
+        "u": (torch.randn(m, r) / r**0.5).to(dtype),
+        "bias": torch.randn(m).to(dtype).requires_grad_() if bias else None,
+        "lora_a": (torch.randn(k, n) / n**0.5).to(lora_dtype).requires_grad_() if lora else None,
+        "lora_b": torch.randn(m, k).to(lora_dtype).requires_grad_() if lora else None,
+    }
+    return params
+
+
+def reference(x, params, scaling):
+    """The layer in float64 autograd, from the same values."""
+    d = {name: None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+         for name, t in params.items()}
+    x64 = x.detach().double().requires_grad_(x.requires_grad)
+    y = (x64 @ d["v"].T) @ d["u"].T
+    if d["bias"] is not None:
+        y = y + d["bias"]
+    if d["lora_a"] is not None:
+        y = y + scaling * (x64 @ d["lora_a"].T) @ d["lora_b"].T
+    return y, x64, d
+
+
+def check_forward_backward(x, params, dtype, scaling=SCALING, grad_y=None):
+    """Run emulator_linear and its backward, and compare y and every gradient with float64."""
+    y = emloc_kernels.emulator_linear(x, params["v"], params["u"], params["bias"], params["lora_a"],
+                                      params["lora_b"], scaling)
+    y_ref, x64, ref = reference(x, params, scaling)
+    assert y.dtype == x.dtype
+    errors = {"y": assert_close(y, y_ref, dtype, what="y")}
+    if grad_y is None:
+        grad_y = torch.randn(y.shape).to(y.dtype)
+    y.backward(grad_y)
+    y_ref.backward(grad_y.double())
+    for name, leaf, leaf_ref in [("x", x, x64), *((k, params[k], ref[k]) for k in ("bias", "lora_a", "lora_b"))]:
+        if leaf is None or not leaf.requires_grad:
+            continue
+        assert leaf.grad is not None, f"no gradient for {name}"
+        assert leaf.grad.dtype == leaf.dtype, f"grad of {name} is {leaf.grad.dtype}, expected {leaf.dtype}"
+        errors[name] = assert_close(leaf.grad, leaf_ref.grad, dtype, what=f"grad {name}")
+    return errors
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Force the Triton kernels: an environment where they cannot run fails instead of falling back."""
+    monkeypatch.setenv("EMLOC_BACKEND", "triton")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias,lora", [(True, True), (False, True), (True, False)], ids=["bias+lora", "lora", "bias"])
+def test_matches_float64(triton_backend, seed, dtype, shape, bias, lora):
+    t, n, r, m, k = shape
+    params = make_layer(n, r, m, k, dtype, bias=bias, lora=lora)
+    x = torch.randn(t, n).to(dtype).requires_grad_()
+    check_forward_backward(x, params, dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_3d_non_contiguous_inputs(triton_backend, seed, dtype):
+    """3-D x that is a strided view, transposed factor views, and the zero-stride gradient of ``y.sum()``."""
+    n, r, m, k = 23, 11, 29, 4
+    params = make_layer(n, r, m, k, dtype)
+    params["v"] = params["v"].T.contiguous().T  # column-major (r, n)
+    params["u"] = non_contiguous(params["u"])
+    x = non_contiguous(torch.randn(3, 5, n).to(dtype)).requires_grad_()
+    grad_y = torch.ones(()).to(dtype).expand(3, 5, m)
+    assert grad_y.stride() == (0, 0, 0)
+    check_forward_backward(x, params, dtype, grad_y=grad_y)
+
+
+@pytest.mark.parametrize("base,lora", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)], ids=str)
+def test_mixed_dtypes(triton_backend, seed, base, lora):
+    """An fp32 LoRA on a bf16 base (and the reverse): every gradient comes back in its own tensor's dtype."""
+    n, r, m, k = 37, 13, 41, 6
+    params = make_layer(n, r, m, k, base, lora_dtype=lora)
+    x = torch.randn(9, n).to(base).requires_grad_()
+    check_forward_backward(x, params, torch.bfloat16)
+
+
+class _LaunchSpy:
+    """Stands in for a Triton kernel object: records the grids it is launched on, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_triton_path_runs_and_splits_long_reductions(triton_backend, seed, monkeypatch):
+    """The launchers really run (interpreted here); a long token axis splits the LoRA weight gradients."""
+    calls = []
+    for name in ("emulator_linear_forward", "emulator_linear_backward"):
+        launcher = getattr(triton_emulator_linear, name)
+        monkeypatch.setattr(triton_emulator_linear, name,
+                            lambda *a, _f=launcher, _n=name: calls.append(_n) or _f(*a))
+    projection = _LaunchSpy(triton_emulator_linear._projection_kernel)
+    expansion = _LaunchSpy(triton_emulator_linear._expansion_kernel)
+    monkeypatch.setattr(triton_emulator_linear, "_projection_kernel", projection)
+    monkeypatch.setattr(triton_emulator_linear, "_expansion_kernel", expansion)
+
+    n, r, m, k = 40, 9, 45, 5
+    params = make_layer(n, r, m, k, torch.float32)
+    x = torch.randn(257, n).requires_grad_()
+    check_forward_backward(x, params, torch.float32)
+    assert calls == ["emulator_linear_forward", "emulator_linear_backward"]
+    assert len(projection.grids) == 2 and len(expansion.grids) == 4  # y; dx, da, db
+    assert any(grid[2] > 1 for grid in expansion.grids), f"no split-K launch among {expansion.grids}"
+
+
+def test_empty_batch(triton_backend, seed):
+    params = make_layer(7, 3, 5, 2, torch.float32)
+    x = torch.randn(0, 7).requires_grad_()
+    y = emloc_kernels.emulator_linear(x, *(params[k] for k in ("v", "u", "bias", "lora_a", "lora_b")), SCALING)
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert x.grad.shape == (0, 7)
+    assert torch.equal(params["lora_a"].grad, torch.zeros(2, 7))
+    assert torch.equal(params["bias"].grad, torch.zeros(5))
+
+
+def test_gradcheck_reference(seed):
+    """float64 takes the reference path; its autograd formula agrees with finite differences."""
+    n, r, m, k = 6, 3, 5, 2
+    v, u = torch.randn(r, n, dtype=torch.float64), torch.randn(m, r, dtype=torch.float64)
+    x, bias, a, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((2, 4, n), (m,), (k, n), (m, k)))
+    assert torch.autograd.gradcheck(
+        lambda x, bias, a, b: emloc_kernels.emulator_linear(x, v, u, bias, a, b, SCALING), (x, bias, a, b))
+
+
+@pytest.mark.parametrize("frozen", ["u", "v"])
+def test_trainable_factors_are_rejected(seed, frozen):
+    params = make_layer(8, 3, 6, 2, torch.float32)
+    params[frozen].requires_grad_()
+    with pytest.raises(ValueError, match="u and v are frozen"):
+        emloc_kernels.emulator_linear(torch.randn(4, 8), *(params[k] for k in ("v", "u", "bias", "lora_a", "lora_b")))
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_meta_tensors_flow_through(lora):
+    """Shapes and dtypes come out of the fake implementations, forward and backward, without any data."""
+    with torch.device("meta"):
+        params = make_layer(4096, 512, 11008, 8, torch.bfloat16, lora_dtype=torch.float32, lora=lora)
+        x = torch.randn(2, 1000, 4096, dtype=torch.bfloat16, requires_grad=True)
+    y = emloc_kernels.emulator_linear(x, *(params[k] for k in ("v", "u", "bias", "lora_a", "lora_b")), SCALING)
+    assert (y.device.type, y.shape, y.dtype) == ("meta", (2, 1000, 11008), torch.bfloat16)
+    y.sum().backward()
+    for t in (x, *(params[k] for k in ("bias", "lora_a", "lora_b") if params[k] is not None)):
+        assert (t.grad.device.type, t.grad.shape, t.grad.dtype) == ("meta", t.shape, t.dtype)
+
+
+class _LoRAProjection(torch.nn.Module):
+    def __init__(self, params):
+        super().__init__()
+        for name, t in params.items():
+            setattr(self, name, torch.nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
+
+    def forward(self, x):
+        return emloc_kernels.emulator_linear(torch.tanh(x), self.v, self.u, self.bias, self.lora_a, self.lora_b,
+                                             SCALING)
+
+
+def test_torch_compile_fullgraph_matches_eager(seed):
+    params = make_layer(19, 5, 13, 3, torch.float32)
+    eager, compiled = _LoRAProjection(params), _LoRAProjection(params)
+    x = torch.randn(2, 7, 19)
+    grad_y = torch.randn(2, 7, 13)
+    compiled_forward = torch.compile(compiled, fullgraph=True)
+    outputs = []
+    for module, forward in ((eager, eager), (compiled, compiled_forward)):
+        xi = x.clone().requires_grad_()
+        y = forward(xi)
+        y.backward(grad_y)
+        outputs.append([y, xi.grad, module.bias.grad, module.lora_a.grad, module.lora_b.grad])
+    for name, got, want in zip(["y", "x", "bias", "lora_a", "lora_b"], outputs[1], outputs[0]):
+        assert_close(got, want, torch.float32, what=f"compiled {name}")
