@@ -6,7 +6,11 @@ minimises ``||(W - u v) X^T||_F`` over rank-r matrices, with minimum ``sqrt(sum_
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -121,18 +125,53 @@ def test_scaled_matmul_mixed_dtypes(triton_backend, seed, a_dtype, b_dtype, out_
     (torch.float32, torch.float32, "ieee"),
     (torch.bfloat16, torch.float32, "ieee"),
     (torch.float16, torch.float16, None),
-])
-def test_scaled_matmul_requests_ieee_fp32_dots(monkeypatch, triton_backend, a_dtype, b_dtype, precision):
+], ids=str)
+def test_scaled_matmul_requests_ieee_fp32_dots(a_dtype, b_dtype, precision):
     """The interpreter computes every fp32 dot exactly whatever ``input_precision`` says, so a TF32 dot (about
     1e-3 relative error on the GPU) would pass every comparison above: check the request itself."""
     from emloc_kernels.triton import lowrank as kernels
 
-    requested = []
-    run = kernels._scaled_matmul_kernel.run
-    monkeypatch.setattr(kernels._scaled_matmul_kernel, "run",
-                        lambda *args, **kwargs: requested.append(kwargs["INPUT_PRECISION"]) or run(*args, **kwargs))
-    scaled_matmul(torch.randn(M, K).to(a_dtype), torch.randn(K, N).to(b_dtype))
-    assert requested == [precision]
+    options = kernels._dot_options(torch.randn(2, 2).to(a_dtype), torch.randn(2, 2).to(b_dtype))
+    assert options["INPUT_PRECISION"] == precision
+
+
+# Compiles the kernel as the launcher would configure it on a GPU (largest tile config, every scale) for
+# sm_90 and reports whether the PTX uses tensor cores (wgmma) and TF32. Runs in a fresh process: the
+# interpreter patches triton.language, so nothing compiles for a GPU in an interpreted process.
+_COMPILE_FOR_HOPPER = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from emloc_kernels.triton import lowrank
+
+kernel, config = lowrank._scaled_matmul_kernel.fn, lowrank._configs()[0]
+for dtype, ptr in ((torch.float32, "*fp32"), (torch.bfloat16, "*bf16"), (torch.float16, "*fp16")):
+    x = torch.zeros(1, 1, dtype=dtype)
+    constexprs = dict(HAS_ROW=True, HAS_INNER=True, HAS_COL=True, **lowrank._dot_options(x, x), **config.kwargs)
+    signature = {p.name: "constexpr" if p.is_constexpr else ptr if p.name.endswith("_ptr") else "i32"
+                 for p in kernel.params}
+    ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                         target=GPUTarget("cuda", 90, 32),
+                         options=dict(num_warps=config.num_warps, num_stages=config.num_stages)).asm["ptx"]
+    print(str(dtype), "wgmma" in ptx, "tf32" in ptx)
+"""
+
+
+def test_scaled_matmul_compiles_for_hopper():
+    """Without a GPU the interpreter is all that runs the kernel, and it accepts code the compiler may reject
+    and ignores input_precision: compile ahead of time for sm_90 (no GPU needed) and read the PTX."""
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, f"the kernel does not compile for sm_90:\n{done.stderr[-4000:]}"
+    report = {dtype: (tensor_cores, tf32) for dtype, tensor_cores, tf32 in map(str.split, done.stdout.splitlines())}
+    assert report == {
+        "torch.float32": ("False", "False"),  # IEEE fp32 (FMA): TF32 would cost ~1e-3 of accuracy
+        "torch.bfloat16": ("True", "False"),
+        "torch.float16": ("True", "False"),
+    }, report
 
 
 def test_scaled_matmul_empty_inner_dimension_writes_zeros(triton_backend):

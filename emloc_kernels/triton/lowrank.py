@@ -82,10 +82,11 @@ def _scaled_matmul_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
 
 
-def _dot_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
-    """The dtype both tiles are cast to for ``tl.dot``: the promoted input dtype (fp32 when fp16 meets
-    bf16 or fp32), or fp32 where the interpreter cannot multiply bf16."""
-    return torch.float32 if upcast_dot(a, b) else torch.promote_types(a.dtype, b.dtype)
+def _dot_options(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """The dot's constexprs: both tiles are cast to the promoted input dtype (fp32 when fp16 meets bf16 or fp32,
+    and where the interpreter cannot multiply bf16); fp32 dots are IEEE, not TF32, as the products feed SVDs."""
+    dtype = torch.float32 if upcast_dot(a, b) else torch.promote_types(a.dtype, b.dtype)
+    return {"DOT_DTYPE": _TL_DTYPES[dtype], "INPUT_PRECISION": "ieee" if dtype == torch.float32 else None}
 
 
 def scaled_matmul(
@@ -106,7 +107,6 @@ def scaled_matmul(
     out = torch.empty((m, n), dtype=out_dtype or torch.promote_types(a.dtype, b.dtype), device=a.device)
     if m == 0 or n == 0:
         return out
-    dot_dtype = _dot_dtype(a, b)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -125,7 +125,6 @@ def scaled_matmul(
             HAS_ROW=row_scale is not None,
             HAS_INNER=inner_scale is not None,
             HAS_COL=col_scale is not None,
-            DOT_DTYPE=_TL_DTYPES[dot_dtype],
-            INPUT_PRECISION="ieee" if dot_dtype == torch.float32 else None,
+            **_dot_options(a, b),
         )
     return out
