@@ -1,0 +1,123 @@
+"""Training data: a JSONL or text file -> token ids with labels, and right-padded batches.
+
+Rows hold ``text`` (every token is a target), chat ``messages`` (role/content, rendered with the tokenizer's
+chat template; only the assistant answers are targets) or ``conversations`` (ShareGPT from/value, the same).
+Answer tokens are found by rendering the conversation up to each answer: the characters the answer adds are
+the targets, mapped to tokens through the tokenizer's offsets. Labels use -100 for tokens without loss.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+IGNORE = -100
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+          "model": "assistant", "bot": "assistant"}
+
+
+class DataError(ValueError):
+    """The training data cannot be used; the message names the file (and line)."""
+
+
+def _messages(row: dict) -> list[dict] | None:
+    if "messages" in row:
+        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    if "conversations" in row:
+        return [{"role": _ROLES.get(m["from"], m["from"]), "content": m["value"]} for m in row["conversations"]]
+    return None
+
+
+def _chat_example(messages: list[dict], tokenizer, max_length: int, where: str) -> dict:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"{where}: chat data needs a tokenizer with a chat template; this one has none")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the conversation has no assistant message, so it has no answer tokens to train on")
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not (upto.startswith(prompt) and text.startswith(upto)):
+            raise DataError(f"{where}: the chat template does not render conversations prefix by prefix; "
+                            "cannot tell answer tokens apart")
+        spans.append((len(prompt), len(upto)))
+    encoded = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length,
+                        return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    labels = [tok if any(lo <= start < hi for lo, hi in spans) and end > start else IGNORE
+              for tok, (start, end) in zip(ids, encoded["offset_mapping"])]
+    return {"input_ids": ids, "labels": labels, "chat": True}
+
+
+def _text_example(text: str, tokenizer, max_length: int) -> dict:
+    ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    return {"input_ids": ids, "labels": list(ids), "chat": False}
+
+
+def load_examples(path: str | os.PathLike, tokenizer, max_length: int = 2048) -> list[dict]:
+    """Tokenize every row of ``path`` into ``{"input_ids", "labels", "chat"}`` examples (file order).
+
+    Raises :class:`DataError` naming the file and line for unreadable rows, chat rows without an answer, and
+    data in which no example keeps any answer token (e.g. all answers truncated away by ``max_length``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: training data file not found")
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    examples = []
+    for number, line in lines:
+        where = f"{path}:{number}"
+        if path.suffix == ".txt":
+            examples.append(_text_example(line, tokenizer, max_length))
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc})") from exc
+        messages = _messages(row) if isinstance(row, dict) else None
+        if messages is not None:
+            examples.append(_chat_example(messages, tokenizer, max_length, where))
+        elif isinstance(row, dict) and "text" in row:
+            examples.append(_text_example(str(row["text"]), tokenizer, max_length))
+        else:
+            raise DataError(f"{where}: a row needs 'text', 'messages' or 'conversations'")
+    examples = [e for e in examples if any(label != IGNORE for label in e["labels"][1:])]
+    if not examples:
+        raise DataError(f"{path}: no example has answer tokens to train on (empty file, or every answer "
+                        f"truncated away at max_length={max_length})")
+    return examples
+
+
+def split_examples(examples: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """``(train, eval)``: a seeded random ``eval_fraction`` of the examples held out (at least one if > 0)."""
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    n_eval = min(max(1, round(eval_fraction * len(examples))), len(examples) - 1) if eval_fraction > 0 else 0
+    held = set(random.Random(seed).sample(range(len(examples)), n_eval))
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
+def collate(examples: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad ``examples`` into ``input_ids``, ``attention_mask`` and ``labels`` tensors (also for HF Trainer)."""
+    length = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, :n] = torch.tensor(example["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def target_tokens(examples: list[dict]) -> int:
+    """Number of tokens with a loss (labels after the causal shift) in ``examples``."""
+    return sum(sum(label != IGNORE for label in e["labels"][1:]) for e in examples)

@@ -1,0 +1,389 @@
+"""Training LoRA on an emulator (DESIGN 1.5): the loss, one optimizer step, and the loop around them.
+
+* :func:`lm_head_cross_entropy` runs the LM head and cross entropy chunk by chunk and computes the hidden-state
+  gradient in the forward pass, so full fp32 logits never exist (only one ``(chunk, vocab)`` block at a time).
+* :class:`CausalLMLoss` is a model's whole loss as a module (wrappable by DDP; callable on meta tensors for a
+  memory dry run); :func:`training_step` is one optimizer step over micro-batches, with no host sync.
+* :func:`train` is the loop: AdamW over the LoRA weights only (fp32 state), cosine schedule with warm-up,
+  gradient accumulation and clipping, gradient checkpointing, eval loss and exact-match accuracy, checkpoints
+  and resume, a progress bar, and data parallelism when ``torch.distributed`` is initialised (torchrun).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .data import IGNORE, collate, load_examples, split_examples, target_tokens
+from .lora import LoraAdapter, add_lora, atomic_write_text, lora_modules, lora_parameters
+
+ADAPTER_DIR = "adapter"
+REPORT_FILE = "train_report.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; the defaults follow the reference recipe of DESIGN 1.5.
+
+    The global batch per optimizer step is ``micro_batch_size * grad_accum * world_size`` examples.
+    """
+
+    output_dir: str | None = None
+    max_steps: int = 500
+    micro_batch_size: int = 2
+    grad_accum: int = 4
+    learning_rate: float = 4e-5
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    lora_r: int = 8
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    rslora: bool = False
+    lora_target: str | list[str] | None = None
+    max_length: int = 2048
+    gradient_checkpointing: bool = True
+    lm_head_chunk: int = 1024
+    eval_fraction: float = 0.05
+    eval_steps: int = 0
+    save_steps: int = 100
+    resume: bool = True
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "lora_r", "lm_head_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
+
+
+# --- loss ------------------------------------------------------------------------------------------------
+
+
+class _ChunkedLMHeadLoss(torch.autograd.Function):
+    """Sum of token cross entropies over ``normalizer``, with the hidden gradient computed chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, softcap: float | None,
+                normalizer: Tensor) -> tuple[Tensor, Tensor]:
+        n = hidden.shape[0]
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, n, chunk):
+            h, y = hidden[start:start + chunk], labels[start:start + chunk]
+            logits = (h @ weight.T).float()
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            valid = y != IGNORE
+            target = y.clamp(min=0)[:, None]
+            lse = torch.logsumexp(logits, dim=-1)
+            loss = loss + ((lse - logits.gather(1, target)[:, 0]) * valid).sum()
+            correct[start:start + chunk] = logits.argmax(-1) == y
+            if grad is not None:
+                g = torch.exp(logits - lse[:, None])  # softmax, reusing the logsumexp
+                g.scatter_add_(1, target, torch.full_like(target, -1, dtype=g.dtype))
+                g *= (valid / normalizer)[:, None]
+                if softcap:
+                    g *= 1 - capped * capped
+                grad[start:start + chunk] = g.to(h.dtype) @ weight
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(correct)
+        return loss / normalizer, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, grad_correct: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
+
+
+def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, normalizer: Tensor | float,
+                          chunk: int = 1024, softcap: float | None = None) -> tuple[Tensor, Tensor]:
+    """Cross entropy of ``softcap(hidden @ weight^T)`` against ``labels``, summed and divided by ``normalizer``.
+
+    Args:
+        hidden: ``(N, h)`` final hidden states (already aligned with ``labels``: position t predicts label t).
+        weight: ``(V, h)`` frozen LM-head weight (no gradient flows to it).
+        labels: ``(N,)`` token ids, ``-100`` where there is no loss.
+        normalizer: what the summed loss is divided by (the global number of target tokens).
+        chunk: rows per LM-head block; peak extra memory is about ``3 * chunk * V`` fp32 values.
+        softcap: Gemma-style final logit soft-capping ``c * tanh(logits / c)``.
+
+    Returns ``(loss, correct)``: the scalar loss (differentiable in ``hidden``) and a bool ``(N,)`` telling where
+    the argmax of the logits is the label (False where the label is -100).
+    """
+    normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=hidden.device)
+    return _ChunkedLMHeadLoss.apply(hidden, weight.detach(), labels, chunk, softcap, normalizer)
+
+
+class CausalLMLoss(nn.Module):
+    """A causal LM's training loss as a module: decoder, then the chunked LM head and cross entropy.
+
+    ``forward(input_ids, attention_mask, labels, normalizer) -> (loss, correct)`` with ``correct (B, T)``
+    marking tokens whose next-token argmax is the label. Wrap this module (not the model) in DDP.
+    """
+
+    def __init__(self, model: nn.Module, chunk: int = 1024) -> None:
+        super().__init__()
+        self.model, self.chunk = model, chunk
+        head = model.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("CausalLMLoss: an LM head with a bias is not supported")
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
+                normalizer: Tensor | float) -> tuple[Tensor, Tensor]:
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                          use_cache=False).last_hidden_state
+        # Position t predicts token t + 1: shift the labels, not the (large) hidden states.
+        shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1)
+        loss, correct = lm_head_cross_entropy(hidden.reshape(-1, hidden.shape[-1]),
+                                              self.model.get_output_embeddings().weight, shifted.reshape(-1),
+                                              normalizer, self.chunk, self.softcap)
+        return loss, correct.view_as(shifted)
+
+
+def training_step(loss_module: nn.Module, micro_batches: list[dict[str, Tensor]], normalizer: Tensor | float,
+                  optimizer: torch.optim.Optimizer, scheduler, parameters: list[Tensor],
+                  max_grad_norm: float | None) -> Tensor:
+    """One optimizer step: forward and backward over ``micro_batches`` (gradients accumulate), clip, step.
+
+    Each micro-batch's loss is its summed token loss over ``normalizer`` (the global target-token count), so
+    accumulation and data parallelism reproduce one big batch. Under DDP, gradients are reduced on the last
+    micro-batch only. Returns the summed loss as a tensor (no host sync here).
+    """
+    total = None
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = loss_module.no_sync() if isinstance(loss_module, nn.parallel.DistributedDataParallel) and not last \
+            else contextlib.nullcontext()
+        with sync:
+            loss, _ = loss_module(batch["input_ids"], batch["attention_mask"], batch["labels"], normalizer)
+            loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to zero."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder block's activations in backward (non-reentrant: works with frozen inputs and DDP)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient checkpointing: {type(model).__name__} does not support it; "
+                         "set gradient_checkpointing=False")
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# --- evaluation ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: list[dict], batch_size: int = 4, chunk: int = 1024,
+             pad_id: int = 0) -> dict[str, float]:
+    """Mean target-token loss and exact-match accuracy of chat answers on ``examples``.
+
+    An answer counts as exact when the argmax after every prefix of it is its next token, which is exactly
+    when greedy decoding from the prompt reproduces the answer token for token, so no generation is needed.
+    """
+    if not examples:
+        return {}
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_module = CausalLMLoss(model, chunk)
+    total_loss, exact, answers = 0.0, 0, 0
+    normalizer = target_tokens(examples)
+    for start in range(0, len(examples), batch_size):
+        part = examples[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
+        loss, correct = loss_module(batch["input_ids"], batch["attention_mask"], batch["labels"], normalizer)
+        total_loss += float(loss)
+        target = torch.cat([batch["labels"][:, 1:] != IGNORE, correct.new_zeros(len(part), 1)], dim=1)
+        hit = (correct | ~target).all(1)
+        chat = torch.tensor([e.get("chat", False) for e in part], device=device)
+        exact += int((hit & chat).sum())
+        answers += int(chat.sum())
+    model.train(was_training)
+    result = {"eval_loss": total_loss}
+    if answers:
+        result["eval_exact_match"] = exact / answers
+    return result
+
+
+# --- the loop --------------------------------------------------------------------------------------------
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _global_batches(n_examples: int, global_batch: int, seed: int):
+    """Example indices of each global batch: a fresh seeded shuffle per pass over the data."""
+    epoch, order = 0, []
+    while True:
+        while len(order) < global_batch:
+            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            order += torch.randperm(n_examples, generator=generator).tolist()
+            epoch += 1
+        yield order[:global_batch]
+        order = order[global_batch:]
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    found = sorted((p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.pt").is_file()),
+                   key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    return found[-1] if found else None
+
+
+def _save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, history: list, lora_form) -> None:
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    LoraAdapter.from_model(model, *lora_form).save(tmp / ADAPTER_DIR)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "lora": {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_" in k},
+             "rng": torch.get_rng_state(), "history": history}
+    torch.save(state, tmp / "state.pt")
+    os.replace(tmp, final)
+    for old in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: per-step losses, the final eval metrics, and where the adapter was written."""
+
+    losses: list[float] = field(default_factory=list)
+    eval: dict[str, float] = field(default_factory=dict)
+    adapter_dir: Path | None = None
+    steps: int = 0
+
+
+def train(model: nn.Module, data, config: TrainConfig, tokenizer=None, eval_data=None) -> TrainResult:
+    """Train LoRA weights on ``model`` (an emulator from :func:`emloc.load_emulator`, or any causal LM).
+
+    Args:
+        model: the model; LoRA is added per ``config`` unless it already carries LoRA (:func:`emloc.add_lora`).
+            Everything but the LoRA weights is frozen.
+        data: a data file (JSONL text/messages/conversations, or .txt) or a list of examples from
+            :func:`emloc.data.load_examples`.
+        config: the :class:`TrainConfig`.
+        tokenizer: needed when ``data`` is a file; its pad token pads the batches.
+        eval_data: held-out examples or file; by default ``config.eval_fraction`` of ``data`` is held out.
+
+    With ``config.output_dir`` set, checkpoints go to ``output_dir/checkpoint-<step>`` every ``save_steps``
+    (a later call with ``resume=True`` continues from the latest, giving the same weights as an uninterrupted
+    run), and the trained adapter (PEFT format) and a JSON report are written at the end. Under torchrun each
+    rank takes its share of every global batch and gradients are averaged by DDP; rank 0 writes the files.
+    """
+    rank, world = _world()
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    examples = data if isinstance(data, list) else load_examples(data, tokenizer, config.max_length)
+    if eval_data is None:
+        examples, eval_examples = split_examples(examples, config.eval_fraction, config.seed)
+    else:
+        eval_examples = eval_data if isinstance(eval_data, list) else load_examples(eval_data, tokenizer,
+                                                                                     config.max_length)
+    torch.manual_seed(config.seed)
+    # How the scaling was formed is known only when LoRA is added here; otherwise it is recorded as alpha = s r.
+    lora_form = (None, False)
+    if not lora_modules(model):
+        add_lora(model, config.lora_target, config.lora_r, config.lora_alpha, config.lora_dropout, config.rslora)
+        lora_form = (config.lora_r if config.lora_alpha is None else config.lora_alpha, config.rslora)
+    parameters = lora_parameters(model)
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
+    model.train()
+    device = parameters[0].device
+    loss_module: nn.Module = CausalLMLoss(model, config.lm_head_chunk)
+    if world > 1:
+        loss_module = nn.parallel.DistributedDataParallel(loss_module)
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = cosine_schedule(optimizer, config.max_steps, config.warmup_ratio)
+
+    output_dir = Path(config.output_dir) if config.output_dir else None
+    step, history = 0, []
+    latest = _latest_checkpoint(output_dir) if output_dir and config.resume else None
+    if latest is not None:
+        state = torch.load(latest / "state.pt", weights_only=False)
+        model.load_state_dict(state["lora"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        step, history = state["step"], state["history"]
+
+    per_rank = config.micro_batch_size * config.grad_accum
+    batches = _global_batches(len(examples), per_rank * world, config.seed)
+    for _ in range(step):  # the data order depends only on the step: skip what was already trained on
+        next(batches)
+    bar = tqdm(total=config.max_steps, initial=step, desc="training LoRA", unit="step",
+               disable=not config.progress or rank != 0)
+    result = TrainResult(losses=history)
+    while step < config.max_steps:
+        chosen = [examples[i] for i in next(batches)]
+        mine = chosen[rank * per_rank:(rank + 1) * per_rank]
+        micro = [{k: v.to(device) for k, v in collate(mine[i:i + config.micro_batch_size], pad_id).items()}
+                 for i in range(0, per_rank, config.micro_batch_size)]
+        started = time.perf_counter()
+        loss = training_step(loss_module, micro, target_tokens(chosen), optimizer, scheduler, parameters,
+                             config.max_grad_norm)
+        if world > 1:
+            dist.all_reduce(loss)
+        step += 1
+        history.append(float(loss))
+        tokens = sum(len(e["input_ids"]) for e in chosen)
+        bar.set_postfix(loss=f"{history[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                        tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
+        bar.update()
+        if config.eval_steps and step % config.eval_steps == 0 and step < config.max_steps and rank == 0:
+            bar.write(f"step {step}: " + json.dumps(evaluate(model, eval_examples, config.micro_batch_size,
+                                                             config.lm_head_chunk, pad_id)))
+        if output_dir and rank == 0 and (step % config.save_steps == 0 or step == config.max_steps):
+            output_dir.mkdir(parents=True, exist_ok=True)
+            _save_checkpoint(output_dir, step, model, optimizer, scheduler, history, lora_form)
+    bar.close()
+
+    result.steps = step
+    if rank == 0:
+        result.eval = evaluate(model, eval_examples, config.micro_batch_size, config.lm_head_chunk, pad_id)
+    if output_dir and rank == 0:
+        adapter = LoraAdapter.from_model(model, *lora_form, base_model=getattr(model.config, "_name_or_path", None))
+        result.adapter_dir = adapter.save(output_dir / ADAPTER_DIR)
+        report = {"steps": step, "losses": history, **result.eval,
+                  "train_examples": len(examples), "eval_examples": len(eval_examples), "config": asdict(config)}
+        atomic_write_text(output_dir / REPORT_FILE, json.dumps(report, indent=2))
+    return result
