@@ -1,0 +1,164 @@
+"""Dry run: the pipeline's own per-block and per-step functions at full size on the meta device, with a
+:class:`~emloc.memory.tracker.LiveBytesTracker` counting the peak live bytes each stage would hold on the
+compute device. Nothing is allocated; a 38B model runs in seconds.
+
+* construction: one decoder block, :func:`emloc.emulator.calibrate_block` over one calibration micro-batch
+  and :func:`emloc.emulator.compress_block` with the planned ranks;
+* training: the whole emulator (planned ranks, LoRA from :func:`emloc.lora.add_lora`, gradient
+  checkpointing), one step of :class:`emloc.training.CausalLMLoss` (chunked LM head) with AdamW;
+* correction: :func:`emloc.correction.correct_layer` on the largest linear;
+* export: merging the corrected LoRA into the largest linear, as a merged-weights export does shard by shard.
+
+Attention runs through the flash-attention op (its meta kernel), which is what a GPU run uses: it keeps
+``q, k, v``, the output and the log-sum-exp, never a ``seq x seq`` score matrix. A vision tower is frozen and
+outside the gradient: its weights are counted, its transient forward is planned analytically.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import transformers
+from torch import nn
+
+from .. import emulator, lora, training
+from ..correction import correct_layer
+from .tracker import LiveBytesTracker
+
+ATTENTION = "emloc_meta_fused_attention"
+
+
+def _flash_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                     **kwargs):
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout, causal, scale=scaling)[0]
+    return out.transpose(1, 2), None
+
+
+transformers.AttentionInterface.register(ATTENTION, _flash_attention)
+
+
+def _language_config(config: dict, layers: int | None = None) -> transformers.PretrainedConfig:
+    llm = dict(config.get("llm_config") or config)
+    if layers is not None:
+        llm["num_hidden_layers"] = layers
+    llm.pop("architectures", None)
+    cfg = transformers.AutoConfig.for_model(llm.pop("model_type"), **llm)
+    cfg._attn_implementation = ATTENTION
+    cfg.use_cache = False
+    return cfg
+
+
+def _meta_model(cfg: transformers.PretrainedConfig, dtype: torch.dtype) -> nn.Module:
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.requires_grad_(False)
+
+
+def _emulate(model: nn.Module, ratio: float) -> None:
+    plans = emulator.plan_compression(model, ratio) if ratio < 1 else None
+    if plans is None:
+        return
+    _, stack = emulator.models.block_stack(model)
+    for block, plan in zip(stack, plans):
+        emulator.emulate_block(block, plan)
+
+
+def _tokens(batch: int, seq_len: int) -> dict[str, torch.Tensor]:
+    ids = torch.empty(batch, seq_len, dtype=torch.long, device="meta")
+    return {"input_ids": ids, "attention_mask": torch.empty_like(ids), "labels": torch.empty_like(ids)}
+
+
+def measure_construction(config: dict, ratio: float, seq_len: int, micro_batch: int, method: str,
+                         dtype: torch.dtype = torch.bfloat16) -> int:
+    """Peak device bytes to calibrate and compress one decoder block on one micro-batch."""
+    model = _meta_model(_language_config(config, layers=1), dtype)
+    plan = emulator.plan_compression(model, ratio)[0]
+    _, stack = emulator.models.block_stack(model)
+    block = stack[0]
+    rotary = model.model.rotary_emb
+    hidden_size = model.config.hidden_size
+    with LiveBytesTracker("meta") as tracker:
+        tracker.adopt(block.parameters())
+        hidden = torch.empty(micro_batch, seq_len, hidden_size, dtype=dtype, device="meta")
+        positions = torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta")
+        item = emulator.BlockInput(hidden, {"position_embeddings": rotary(hidden, positions)},
+                                   torch.empty(micro_batch, seq_len, dtype=torch.bool, device="meta"))
+        covariances, outputs = emulator.calibrate_block(block, plan, [item])
+        del item, hidden, outputs
+        emulator.compress_block(block, plan, covariances, svd=method)
+    return tracker.peak
+
+
+def measure_training(config: dict, ratio: float, seq_len: int, batch: int, lora_r: int, lm_head_chunk: int,
+                     embeddings_on_device: bool, extra_weight_bytes: int = 0,
+                     dtype: torch.dtype = torch.bfloat16) -> int:
+    """Peak device bytes of one training step on the whole emulator (second step: optimizer state exists).
+
+    ``extra_weight_bytes`` adds frozen weights outside the language model (a vision tower, its projector).
+    """
+    model = _meta_model(_language_config(config), dtype)
+    _emulate(model, ratio)
+    lora.add_lora(model, r=lora_r)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    parameters = lora.lora_parameters(model)
+    optimizer = torch.optim.AdamW(parameters)
+    for p in parameters:  # one step beforehand, so the optimizer state exists as in every later step
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    embedding = model.get_input_embeddings().weight
+    resident = [t for t in [*model.parameters(), *model.buffers()] if embeddings_on_device or t is not embedding]
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    loss_module = training.CausalLMLoss(model, lm_head_chunk)
+    with LiveBytesTracker("meta") as tracker:
+        tracker.adopt([*resident, *state])
+        tracker.live += extra_weight_bytes
+        batch_tensors = _tokens(batch, seq_len)
+        loss, _ = loss_module(batch_tensors["input_ids"], batch_tensors["attention_mask"], batch_tensors["labels"],
+                              float(batch * seq_len))
+        loss.backward()
+        del loss
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return tracker.peak
+
+
+def _largest_linear(config: dict) -> tuple[int, int]:
+    model = _meta_model(_language_config(config, layers=1), torch.bfloat16)
+    _, stack = emulator.models.block_stack(model)
+    linears = [m for m in stack[0].modules() if isinstance(m, nn.Linear)]
+    big = max(linears, key=lambda m: m.weight.numel())
+    return big.out_features, big.in_features
+
+
+def measure_correction(config: dict, ratio: float, lora_r: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Peak device bytes of :func:`emloc.correction.correct_layer` on the largest linear."""
+    m, n = _largest_linear(config)
+    rank = emulator._rank(ratio, m, n)
+    with LiveBytesTracker("meta") as tracker:
+        meta = {"device": "meta"}
+        weight = torch.empty(m, n, dtype=dtype, **meta)
+        a, b = torch.empty(lora_r, n, **meta), torch.empty(m, lora_r, **meta)
+        emulated = weight if rank is None else (torch.empty(m, rank, dtype=dtype, **meta),
+                                                torch.empty(rank, n, dtype=dtype, **meta))
+        correct_layer(a, b, 1.0, weight, emulated)
+    return tracker.peak
+
+
+def merge_lora(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``W + s B A`` in fp32, cast back to the weight's dtype (one layer of a merged-weights export)."""
+    merged = weight.float()
+    merged.addmm_(b.float(), a.float(), alpha=scaling)
+    return merged.to(weight.dtype)
+
+
+def measure_export(config: dict, lora_r: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Peak device bytes of merging the corrected LoRA into the largest linear."""
+    m, n = _largest_linear(config)
+    with LiveBytesTracker("meta") as tracker:
+        weight = torch.empty(m, n, dtype=dtype, device="meta")
+        merge_lora(weight, torch.empty(lora_r, n, device="meta"), torch.empty(m, lora_r, device="meta"), 1.0)
+    return tracker.peak

@@ -1,0 +1,252 @@
+"""Analytic memory of each pipeline stage: bytes per term, on the compute device and on the host.
+
+Every term follows what the pipeline code allocates (checked against the dry run of
+:mod:`emloc.memory.dry_run`); ``B`` is the weight dtype's size, ``T`` the tokens of a micro-batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .spec import BlockStack, Linear, ModelSpec
+from .tracker import eigh_workspace_bytes, svd_workspace_bytes
+
+TERMS = ("weights", "activations", "covariances", "decomposition", "lora_optimizer", "logits_loss")
+STAGES = ("construction", "training", "correction", "export")
+
+FP32 = 4
+LORA_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weight and gradient, AdamW exp_avg and exp_avg_sq in fp32
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the pipeline is asked to do, and how (the knobs the plan chooses)."""
+
+    ratio: float
+    seq_len: int = 2048
+    batch: int = 1
+    lora_r: int = 8
+    samples: int = 64
+    calibration_micro_batch: int = 1
+    lm_head_chunk: int = 1024
+    method: str = "exact"
+    compress_vision: bool = True
+    embeddings_on_device: bool = False
+    image_tiles: int | None = None
+    shard_bytes: int = 2 << 30
+
+
+@dataclass
+class StageMemory:
+    """Peak bytes of one stage, by term, on the compute device and on the host."""
+
+    name: str
+    device: dict[str, int] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def device_peak(self) -> int:
+        return sum(self.device.values())
+
+    @property
+    def host_peak(self) -> int:
+        return sum(self.host.values())
+
+    @property
+    def dominant(self) -> str:
+        return max(self.device, key=self.device.get)
+
+
+def rank(ratio: float, linear: Linear) -> int | None:
+    """Rank kept for ``linear`` at ``ratio`` (DESIGN 1.3), None when the layer stays dense."""
+    m, n = linear.out_features, linear.in_features
+    r = max(1, math.floor(ratio * m * n / (m + n)))
+    return r if r * (m + n) < m * n else None
+
+
+def _emulated_params(linear: Linear, ratio: float | None) -> int:
+    r = None if ratio is None else rank(ratio, linear)
+    weight = linear.in_features * linear.out_features if r is None else r * (linear.in_features + linear.out_features)
+    return weight + (linear.out_features if linear.bias else 0)
+
+
+def stack_params(stack: BlockStack, ratio: float | None) -> int:
+    """Parameters of ``stack`` with its linears compressed at ``ratio`` (None: dense)."""
+    return stack.blocks * (sum(_emulated_params(l, ratio) for l in stack.linears) + stack.other_params)
+
+
+def emulator_params(spec: ModelSpec, s: Settings) -> int:
+    """Parameters of the emulator: compressed decoder, LM head, embeddings, vision tower as chosen."""
+    total = stack_params(spec.language, s.ratio) + spec.final_norm_params
+    total += spec.embedding_params * (1 if spec.tied_embeddings else 2)
+    return total + _vision_params(spec, s)
+
+
+def _vision_params(spec: ModelSpec, s: Settings) -> int:
+    v = spec.vision
+    if v is None:
+        return 0
+    projector = sum(l.params for l in v.projector) + v.projector_other_params
+    return stack_params(v.stack, s.ratio if s.compress_vision else None) + v.embedding_params + projector
+
+
+def lora_params(spec: ModelSpec, r: int) -> int:
+    """Trainable LoRA parameters: rank ``r`` on every decoder linear (the vision tower stays frozen)."""
+    return spec.language.blocks * sum(r * (l.in_features + l.out_features) for l in spec.language.linears)
+
+
+def image_tiles(spec: ModelSpec, s: Settings) -> int:
+    """Image tiles per sample: as many as the sequence holds, at most the model's dynamic-tiling limit."""
+    if spec.vision is None:
+        return 0
+    if s.image_tiles is not None:
+        return s.image_tiles
+    return max(1, min(spec.vision.max_tiles, s.seq_len // spec.vision.llm_tokens_per_tile))
+
+
+# --- construction -----------------------------------------------------------------------------------------
+
+
+def _covariance_sizes(stack: BlockStack, ratio: float) -> list[int]:
+    """Side of every fp32 covariance one block accumulates: an input covariance per group with a linear on
+    the whitened route (``out >= in``), an output covariance per linear on the output route (``out < in``)."""
+    sizes = []
+    for members in stack.groups.values():
+        compressed = [l for l in members if rank(ratio, l) is not None]
+        sizes += [l.out_features for l in compressed if l.out_features < l.in_features]
+        if any(l.out_features >= l.in_features for l in compressed):
+            sizes.append(members[0].in_features)
+    return sizes
+
+
+def decomposition_bytes(linear: Linear, r: int, method: str) -> int:
+    """Working set of factoring one linear (``compress_block``): the fp32 weight, the factorisation and its
+    library workspace, the fp32 factors, and the reconstruction-error products (``m x n`` fp32 each)."""
+    m, n = linear.out_features, linear.in_features
+    dense = FP32 * m * n
+    if m < n:  # output route: eigenvectors of the m x m output covariance, v = u^T W
+        if method == "exact":
+            solve = FP32 * m * m + eigh_workspace_bytes(m)
+        else:
+            solve = 3 * FP32 * m * (r + 16)
+        return dense + solve + FP32 * r * (m + n)
+    # whitened route: W S, its SVD and workspace, then (W - u v) C * (W - u v) for the error; the previous
+    # linear's fp32 weight and residual are still referenced when the next one starts
+    basis = FP32 * n * n
+    if method == "exact":
+        k = min(m, n)
+        return 3 * dense + FP32 * (m * k + k * n) + svd_workspace_bytes(m, n) + basis
+    return 4 * dense + basis
+
+
+def _calibration_activation_bytes(stack: BlockStack, tokens: int, B: int) -> int:
+    # no-grad block forward: the micro-batch in and out, the residual, and three (T, I) MLP tensors
+    return tokens * B * (3 * stack.hidden + 3 * stack.intermediate)
+
+
+def _stack_tokens(spec: ModelSpec, stack: BlockStack, s: Settings) -> int:
+    if stack is spec.language:
+        return s.seq_len
+    return image_tiles(spec, s) * spec.vision.tokens_per_tile
+
+
+def construction(spec: ModelSpec, s: Settings) -> StageMemory:
+    """One block at a time: its weights, the calibration micro-batch through it, the covariances of its
+    input groups, then the factorisation of its largest linear. The worst block stack sets the peak; on the
+    host, every calibration sample's block input and output."""
+    stacks = [spec.language] + ([spec.vision.stack] if spec.vision is not None and s.compress_vision else [])
+    B = spec.dtype_bytes
+    best = StageMemory("construction")
+    for stack in stacks:
+        ranked = [(l, rank(s.ratio, l)) for l in stack.linears]
+        ranked = [(l, r) for l, r in ranked if r is not None]
+        tokens = _stack_tokens(spec, stack, s)
+        device = {
+            "weights": stack.block_params * B,
+            "covariances": sum(FP32 * n * n for n in _covariance_sizes(stack, s.ratio)),
+            "activations": _calibration_activation_bytes(stack, s.calibration_micro_batch * tokens, B),
+            "decomposition": max((decomposition_bytes(l, r, s.method) for l, r in ranked), default=0),
+        }
+        # calibration and factorisation do not overlap: only the larger of the two counts
+        overlap = min(device["activations"], device["decomposition"])
+        device["activations" if device["activations"] < device["decomposition"] else "decomposition"] -= overlap
+        host = {"activations": 2 * s.samples * tokens * stack.hidden * B, "weights": stack.block_params * B}
+        stage = StageMemory("construction", device, host)
+        if stage.device_peak > best.device_peak:
+            best.device = device
+        if stage.host_peak > best.host_peak:
+            best.host = host
+    return best
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+
+def block_activation_bytes(stack: BlockStack, tokens: int, B: int, lora_r: int) -> int:
+    """What backward needs from one decoder block, recomputed under gradient checkpointing: two RMSNorms
+    (fp32 input and normalised output), q, k, v, attention output and log-sum-exp, the four (T, I) MLP
+    tensors, and each linear's ``x a^T``."""
+    h, inter = stack.hidden, stack.intermediate
+    q, kv = stack.heads * stack.head_dim, stack.kv_heads * stack.head_dim
+    norms = 2 * (FP32 + B) * h
+    attention = B * (2 * q + 2 * kv) + FP32 * stack.heads
+    mlp = 4 * B * inter
+    lora = B * lora_r * len(stack.linears)
+    return tokens * (norms + attention + mlp + lora)
+
+
+def training(spec: ModelSpec, s: Settings) -> StageMemory:
+    """The whole emulator on the device (embeddings optionally on the host), LoRA with fp32 AdamW state,
+    one checkpointed hidden state per block plus one block recomputed, and one LM-head chunk at a time."""
+    B = spec.dtype_bytes
+    lm = spec.language
+    tokens = s.batch * s.seq_len
+    on_host = 0 if s.embeddings_on_device or spec.tied_embeddings else spec.embedding_params
+    checkpoints = lm.blocks * tokens * lm.hidden * B
+    device = {
+        "weights": (emulator_params(spec, s) - on_host) * B,
+        "lora_optimizer": lora_params(spec, s.lora_r) * LORA_BYTES_PER_PARAM,
+        "activations": checkpoints + block_activation_bytes(lm, tokens, B, s.lora_r),
+        "logits_loss": 3 * FP32 * min(s.lm_head_chunk, tokens) * spec.vocab + tokens * lm.hidden * B,
+    }
+    host = {"weights": on_host * B}
+    return StageMemory("training", device, host)
+
+
+# --- correction and export --------------------------------------------------------------------------------
+
+
+def _largest(spec: ModelSpec) -> Linear:
+    return max(spec.language.linears, key=lambda l: l.in_features * l.out_features)
+
+
+def correction(spec: ModelSpec, s: Settings) -> StageMemory:
+    """One layer at a time in float64 (``correct_layer``): ``W`` as loaded and in fp64, the emulator
+    factors likewise, the LoRA; on the host the adapter."""
+    B = spec.dtype_bytes
+    big = _largest(spec)
+    m, n = big.out_features, big.in_features
+    r = rank(s.ratio, big)
+    factors = m * n if r is None else r * (m + n)
+    device = {
+        "weights": (B + 8) * (m * n + factors),
+        "lora_optimizer": (FP32 + 8) * s.lora_r * (m + n),
+    }
+    host = {"lora_optimizer": lora_params(spec, s.lora_r) * FP32 * 2}
+    return StageMemory("correction", device, host)
+
+
+def export(spec: ModelSpec, s: Settings) -> StageMemory:
+    """Merged weights, shard by shard: ``W + s B^ A~`` in fp32 for one layer on the device; one shard and
+    the adapter on the host."""
+    B = spec.dtype_bytes
+    big = _largest(spec)
+    m, n = big.out_features, big.in_features
+    device = {"weights": (2 * B + FP32) * m * n, "lora_optimizer": FP32 * s.lora_r * (m + n)}
+    host = {"weights": s.shard_bytes, "lora_optimizer": lora_params(spec, s.lora_r) * FP32}
+    return StageMemory("export", device, host)
+
+
+def stages(spec: ModelSpec, s: Settings) -> list[StageMemory]:
+    """Peak memory of every stage, in pipeline order."""
+    return [construction(spec, s), training(spec, s), correction(spec, s), export(spec, s)]

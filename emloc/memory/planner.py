@@ -1,0 +1,249 @@
+"""``emloc.plan``: the memory of every pipeline stage for a model and settings, and the largest compression
+ratio whose every stage fits a device budget (or why nothing fits)."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+
+from . import estimate
+from .estimate import STAGES, TERMS, Settings, StageMemory
+from .spec import ModelSpec, load_model_config, model_spec
+
+GiB = 1 << 30
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
+          "g": 1e9, "gb": 1e9, "gib": GiB, "t": 1e12, "tb": 1e12, "tib": 1 << 40}
+_MIN_RATIO = 0.005
+_RATIO_STEP = 0.001
+
+
+def parse_bytes(value: str | int | float, what: str = "budget") -> int:
+    """``"24GiB"``, ``"20GB"``, ``"16g"`` or a number of bytes -> bytes (GB = 1e9, GiB = 2^30)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"{what}: cannot read {value!r} as a size (examples: 24GiB, 20GB, 16G, 17179869184)")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    size = int(number * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"{what}: must be positive, got {value!r}")
+    return size
+
+
+def parse_count(value: str | int, what: str = "emulator_params") -> int:
+    """``"5B"``, ``"500M"``, ``"1.5e9"`` or an integer -> a parameter count."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kKmMbB]?)\s*", str(value))
+        if not match:
+            raise ValueError(f"{what}: cannot read {value!r} as a parameter count (examples: 5B, 500M, 5000000000)")
+        number, unit = float(match.group(1)), match.group(2).upper()
+    count = int(number * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9}[unit])
+    if count <= 0:
+        raise ValueError(f"{what}: must be positive, got {value!r}")
+    return count
+
+
+def _gib(n: int) -> float:
+    return round(n / GiB, 2)
+
+
+@dataclass
+class Plan:
+    """A memory plan: per-stage peaks by term, the chosen ratio and the settings the pipeline should follow.
+
+    ``settings`` is what construction and training read: ``calibration_micro_batch``, ``lm_head_chunk``,
+    ``embeddings_on_device``, ``compress_vision``, ``method`` and the rest of :class:`Settings`.
+    """
+
+    model: str
+    budget: int
+    settings: Settings
+    stages: list[StageMemory]
+    original_params: int
+    emulator_params: int
+    lora_params: int
+    fits: bool
+    reason: str = ""
+    ranks: dict[str, dict[str, int | None]] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.settings.ratio
+
+    @property
+    def peak(self) -> int:
+        """The largest device peak over the stages: the smallest budget at which this plan fits."""
+        return max(stage.device_peak for stage in self.stages)
+
+    def stage(self, name: str) -> StageMemory:
+        return next(stage for stage in self.stages if stage.name == name)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (bytes as integers)."""
+        return {
+            "model": self.model, "budget_bytes": self.budget, "fits": self.fits, "reason": self.reason,
+            "ratio": self.ratio, "min_budget_bytes": self.peak, "original_params": self.original_params,
+            "emulator_params": self.emulator_params, "lora_params": self.lora_params,
+            "settings": asdict(self.settings), "ranks": self.ranks,
+            "stages": {s.name: {"device_peak_bytes": s.device_peak, "host_peak_bytes": s.host_peak,
+                                "device": s.device, "host": s.host} for s in self.stages},
+        }
+
+    def table(self) -> str:
+        """The plan as a text table, GiB per term and stage."""
+        s = self.settings
+        head = (f"{self.model}: budget {_gib(self.budget)} GiB, seq_len {s.seq_len}, batch {s.batch}, "
+                f"LoRA r {s.lora_r}, ratio {self.ratio:.3f} -> emulator {self.emulator_params / 1e9:.2f}B of "
+                f"{self.original_params / 1e9:.2f}B parameters, LoRA {self.lora_params / 1e6:.1f}M")
+        width = max(len(t) for t in TERMS) + 2
+        lines = [head, "", "device GiB".ljust(width) + "".join(name.rjust(14) for name in STAGES)]
+        for term in TERMS:
+            lines.append(term.ljust(width) + "".join(f"{_gib(st.device.get(term, 0)):14.2f}" for st in self.stages))
+        lines.append("peak".ljust(width) + "".join(f"{_gib(st.device_peak):14.2f}" for st in self.stages))
+        lines.append("host peak".ljust(width) + "".join(f"{_gib(st.host_peak):14.2f}" for st in self.stages))
+        lines.append("")
+        lines.append(f"settings: calibration micro-batch {s.calibration_micro_batch}, LM-head chunk {s.lm_head_chunk}, "
+                     f"embeddings on {'device' if s.embeddings_on_device else 'host'}, factors {s.method}"
+                     + ("" if self.vision_note is None else f", vision tower {self.vision_note}"))
+        lines.append(f"smallest budget for this emulator: {_gib(self.peak)} GiB")
+        lines.append(("FITS" if self.fits else "DOES NOT FIT") + (f": {self.reason}" if self.reason else ""))
+        return "\n".join(lines)
+
+    @property
+    def vision_note(self) -> str | None:
+        if "vision_tower" not in self.ranks:
+            return None
+        return "compressed" if self.settings.compress_vision else "dense, frozen"
+
+
+def _ranks(spec: ModelSpec, s: Settings) -> dict[str, dict[str, int | None]]:
+    stacks = [spec.language] + ([spec.vision.stack] if spec.vision is not None else [])
+    out = {}
+    for stack in stacks:
+        compress = stack is spec.language or s.compress_vision
+        out[stack.name] = {l.name: (estimate.rank(s.ratio, l) if compress else None) for l in stack.linears}
+    return out
+
+
+def _evaluate(spec: ModelSpec, s: Settings, budget: int, name: str) -> Plan:
+    stages = estimate.stages(spec, s)
+    over = [st for st in stages if st.device_peak > budget]
+    reason = ""
+    if over:
+        worst = max(over, key=lambda st: st.device_peak)
+        reason = (f"{worst.name} needs {_gib(worst.device_peak)} GiB > {_gib(budget)} GiB; its largest term is "
+                  f"{worst.dominant} ({_gib(worst.device[worst.dominant])} GiB)")
+    return Plan(name, budget, s, stages, spec.params, estimate.emulator_params(spec, s),
+                estimate.lora_params(spec, s.lora_r), not over, reason, _ranks(spec, s))
+
+
+def _lm_head_chunk(spec: ModelSpec, tokens: int, budget: int) -> int:
+    # one (chunk, vocab) block of fp32 logits, softmax and its shifted copy: keep it to 1/64 of the budget
+    chunk = 1
+    while chunk * 2 <= tokens and 3 * estimate.FP32 * chunk * 2 * spec.vocab <= budget // 64:
+        chunk *= 2
+    return max(chunk, 16)
+
+
+def _calibration_micro_batch(spec: ModelSpec, s: Settings, budget: int) -> int:
+    # as many samples per block pass as fit in a quarter of the budget, at most 8 (and at most all of them)
+    mb = 1
+    while mb * 2 <= min(8, s.samples):
+        trial = replace(s, calibration_micro_batch=mb * 2)
+        if estimate.construction(spec, trial).device.get("activations", 0) > budget // 4 or \
+                estimate.construction(spec, trial).device_peak > budget:
+            break
+        mb *= 2
+    return mb
+
+
+def _largest_fitting_ratio(spec: ModelSpec, s: Settings, budget: int) -> float | None:
+    """Largest ratio on a 0.001 grid whose every stage fits (memory grows with the ratio: bisection)."""
+    def fits(ratio: float) -> bool:
+        return all(st.device_peak <= budget for st in estimate.stages(spec, replace(s, ratio=ratio)))
+
+    lo, hi = round(_MIN_RATIO / _RATIO_STEP), round(1 / _RATIO_STEP)
+    if not fits(lo * _RATIO_STEP):
+        return None
+    if fits(1.0):
+        return 1.0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid * _RATIO_STEP) else (lo, mid)
+    return lo * _RATIO_STEP
+
+
+def _ratio_for_params(spec: ModelSpec, s: Settings, target: int) -> float:
+    """Smallest ratio on a 0.001 grid whose emulator has at least ``target`` parameters."""
+    lo, hi = 0, round(1 / _RATIO_STEP)
+    if estimate.emulator_params(spec, replace(s, ratio=1.0)) < target:
+        raise ValueError(f"emulator_params: {target / 1e9:.2f}B is more than the emulator can have "
+                         f"({estimate.emulator_params(spec, replace(s, ratio=1.0)) / 1e9:.2f}B at ratio 1)")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if estimate.emulator_params(spec, replace(s, ratio=mid * _RATIO_STEP)) >= target else (mid, hi)
+    return hi * _RATIO_STEP
+
+
+def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch: int = 1, lora_r: int = 8,
+         samples: int = 64, *, ratio: float | None = None, emulator_params: str | int | None = None,
+         vision: str = "compress", method: str = "exact", embeddings_on_device: bool = False,
+         image_tiles: int | None = None, lm_head_chunk: int | None = None,
+         calibration_micro_batch: int | None = None) -> Plan:
+    """Plan the memory of building an emulator, training LoRA on it, correcting and exporting it.
+
+    Args:
+        config_or_dir: a config dict, a ``config.json``, a model directory, or a shipped config name
+            (``emloc.memory.reference_configs()``: Llama-3.1-70B, Qwen2.5-72B, InternVL2.5-38B, ...).
+        budget: device memory per stage (``"24GiB"``, ``"20GB"``, bytes).
+        seq_len, batch: training micro-batch shape; ``samples``: calibration samples of ``seq_len`` tokens.
+        lora_r: LoRA rank on every decoder linear.
+        ratio: compression ratio to plan for; by default the largest that fits ``budget``.
+        emulator_params: instead of ``ratio``, the emulator size to plan for (``"5B"`` or a count): the
+            smallest ratio giving at least that many parameters.
+        vision: ``"compress"`` the vision tower with the same ratio or keep it ``"dense"`` (frozen either way).
+        method: ``"exact"`` or ``"randomized"`` factorisation.
+        embeddings_on_device: keep the input embedding on the device in training (default: on the host).
+        image_tiles: image tiles per sample for a vision model (default: as many as ``seq_len`` holds).
+        lm_head_chunk, calibration_micro_batch: override the planned values.
+
+    Returns a :class:`Plan`; ``plan.fits`` is False with ``plan.reason`` naming the stage and its largest
+    term when no ratio (or not the requested one) fits.
+    """
+    for name, value in (("seq_len", seq_len), ("batch", batch), ("lora_r", lora_r), ("samples", samples)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"plan: {name} must be a positive integer, got {value!r}")
+    if vision not in ("compress", "dense"):
+        raise ValueError(f"plan: vision must be 'compress' or 'dense', got {vision!r}")
+    if method not in ("exact", "randomized"):
+        raise ValueError(f"plan: method must be 'exact' or 'randomized', got {method!r}")
+    if ratio is not None and not 0 < ratio <= 1:
+        raise ValueError(f"plan: ratio must be in (0, 1], got {ratio!r}")
+    if ratio is not None and emulator_params is not None:
+        raise ValueError("plan: give ratio or emulator_params, not both")
+    config, name = load_model_config(config_or_dir)
+    spec = model_spec(config, name)
+    budget_bytes = parse_bytes(budget)
+    chunk = lm_head_chunk or _lm_head_chunk(spec, batch * seq_len, budget_bytes)
+    s = Settings(ratio=ratio or 1.0, seq_len=seq_len, batch=batch, lora_r=lora_r, samples=samples,
+                 lm_head_chunk=chunk, method=method, compress_vision=vision == "compress",
+                 embeddings_on_device=embeddings_on_device, image_tiles=image_tiles)
+    if emulator_params is not None:
+        s = replace(s, ratio=_ratio_for_params(spec, s, parse_count(emulator_params)))
+    elif ratio is None:
+        found = _largest_fitting_ratio(spec, s, budget_bytes)
+        if found is None:
+            smallest = _evaluate(spec, replace(s, ratio=_MIN_RATIO), budget_bytes, name)
+            smallest.reason = f"nothing fits, not even ratio {_MIN_RATIO}: " + smallest.reason
+            return smallest
+        s = replace(s, ratio=found)
+    s = replace(s, calibration_micro_batch=calibration_micro_batch or _calibration_micro_batch(spec, s, budget_bytes))
+    return _evaluate(spec, s, budget_bytes, name)
+
+
+def plan_json(p: Plan) -> str:
+    return json.dumps(p.to_dict(), indent=2)
