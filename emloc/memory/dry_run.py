@@ -23,6 +23,8 @@ from torch import nn
 
 from .. import emulator, lora, training
 from ..correction import correct_layer
+from . import estimate
+from .spec import model_spec
 from .tracker import LiveBytesTracker
 
 ATTENTION = "emloc_meta_fused_attention"
@@ -108,8 +110,9 @@ def measure_training(config: dict, ratio: float, seq_len: int, batch: int, lora_
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    embedding = model.get_input_embeddings().weight
-    resident = [t for t in [*model.parameters(), *model.buffers()] if embeddings_on_device or t is not embedding]
+    # the input embedding is only looked up: unless it doubles as the LM head, it can stay on the host
+    host = None if embeddings_on_device or model.config.tie_word_embeddings else model.get_input_embeddings().weight
+    resident = [t for t in [*model.parameters(), *model.buffers()] if t is not host]
     state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     loss_module = training.CausalLMLoss(model, lm_head_chunk)
     with LiveBytesTracker("meta") as tracker:
@@ -162,3 +165,25 @@ def measure_export(config: dict, lora_r: int, dtype: torch.dtype = torch.bfloat1
         weight = torch.empty(m, n, dtype=dtype, device="meta")
         merge_lora(weight, torch.empty(lora_r, n, device="meta"), torch.empty(m, lora_r, device="meta"), 1.0)
     return tracker.peak
+
+
+def verify(plan) -> dict[str, tuple[int, int]]:
+    """Dry-run every stage of ``plan`` (an :class:`emloc.memory.Plan`) at full size on the meta device.
+
+    Returns ``{stage: (planned device bytes, measured device bytes)}``; construction compares the language
+    model's blocks (a vision tower's construction is planned analytically only).
+    """
+    s, config = plan.settings, plan.config
+    spec = model_spec(config, plan.model)
+    dtype = {2: torch.bfloat16, 4: torch.float32}[spec.dtype_bytes]
+    vision_bytes = estimate.vision_params(spec, s) * spec.dtype_bytes
+    measured = {
+        "construction": measure_construction(config, s.ratio, s.seq_len, s.calibration_micro_batch, s.method, dtype),
+        "training": measure_training(config, s.ratio, s.seq_len, s.batch, s.lora_r, s.lm_head_chunk,
+                                     s.embeddings_on_device, vision_bytes, dtype),
+        "correction": measure_correction(config, s.ratio, s.lora_r, dtype),
+        "export": measure_export(config, s.lora_r, dtype),
+    }
+    planned = {stage.name: stage.device_peak for stage in plan.stages}
+    planned["construction"] = estimate.construction(spec, s, language_only=True).device_peak
+    return {name: (planned[name], measured[name]) for name in measured}

@@ -79,10 +79,11 @@ def emulator_params(spec: ModelSpec, s: Settings) -> int:
     """Parameters of the emulator: compressed decoder, LM head, embeddings, vision tower as chosen."""
     total = stack_params(spec.language, s.ratio) + spec.final_norm_params
     total += spec.embedding_params * (1 if spec.tied_embeddings else 2)
-    return total + _vision_params(spec, s)
+    return total + vision_params(spec, s)
 
 
-def _vision_params(spec: ModelSpec, s: Settings) -> int:
+def vision_params(spec: ModelSpec, s: Settings) -> int:
+    """Parameters of the vision tower (compressed or dense), its embeddings and projector; 0 without one."""
     v = spec.vision
     if v is None:
         return 0
@@ -150,11 +151,13 @@ def _stack_tokens(spec: ModelSpec, stack: BlockStack, s: Settings) -> int:
     return image_tiles(spec, s) * spec.vision.tokens_per_tile
 
 
-def construction(spec: ModelSpec, s: Settings) -> StageMemory:
+def construction(spec: ModelSpec, s: Settings, language_only: bool = False) -> StageMemory:
     """One block at a time: its weights, the calibration micro-batch through it, the covariances of its
-    input groups, then the factorisation of its largest linear. The worst block stack sets the peak; on the
-    host, every calibration sample's block input and output."""
-    stacks = [spec.language] + ([spec.vision.stack] if spec.vision is not None and s.compress_vision else [])
+    input groups, then the factorisation of its largest linear. The worst block stack sets the peak (or the
+    language model's alone with ``language_only``); on the host, every sample's block input and output."""
+    stacks = [spec.language]
+    if spec.vision is not None and s.compress_vision and not language_only:
+        stacks.append(spec.vision.stack)
     B = spec.dtype_bytes
     best = StageMemory("construction")
     for stack in stacks:

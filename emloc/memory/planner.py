@@ -69,6 +69,7 @@ class Plan:
     fits: bool
     reason: str = ""
     ranks: dict[str, dict[str, int | None]] = field(default_factory=dict)
+    config: dict = field(default_factory=dict, repr=False)
 
     @property
     def ratio(self) -> float:
@@ -129,7 +130,7 @@ def _ranks(spec: ModelSpec, s: Settings) -> dict[str, dict[str, int | None]]:
     return out
 
 
-def _evaluate(spec: ModelSpec, s: Settings, budget: int, name: str) -> Plan:
+def _evaluate(spec: ModelSpec, s: Settings, budget: int, name: str, config: dict) -> Plan:
     stages = estimate.stages(spec, s)
     over = [st for st in stages if st.device_peak > budget]
     reason = ""
@@ -138,7 +139,7 @@ def _evaluate(spec: ModelSpec, s: Settings, budget: int, name: str) -> Plan:
         reason = (f"{worst.name} needs {_gib(worst.device_peak)} GiB > {_gib(budget)} GiB; its largest term is "
                   f"{worst.dominant} ({_gib(worst.device[worst.dominant])} GiB)")
     return Plan(name, budget, s, stages, spec.params, estimate.emulator_params(spec, s),
-                estimate.lora_params(spec, s.lora_r), not over, reason, _ranks(spec, s))
+                estimate.lora_params(spec, s.lora_r), not over, reason, _ranks(spec, s), config)
 
 
 def _lm_head_chunk(spec: ModelSpec, tokens: int, budget: int) -> int:
@@ -237,12 +238,12 @@ def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch:
     elif ratio is None:
         found = _largest_fitting_ratio(spec, s, budget_bytes)
         if found is None:
-            smallest = _evaluate(spec, replace(s, ratio=_MIN_RATIO), budget_bytes, name)
+            smallest = _evaluate(spec, replace(s, ratio=_MIN_RATIO), budget_bytes, name, config)
             smallest.reason = f"nothing fits, not even ratio {_MIN_RATIO}: " + smallest.reason
             return smallest
         s = replace(s, ratio=found)
     s = replace(s, calibration_micro_batch=calibration_micro_batch or _calibration_micro_batch(spec, s, budget_bytes))
-    return _evaluate(spec, s, budget_bytes, name)
+    return _evaluate(spec, s, budget_bytes, name, config)
 
 
 def plan_json(p: Plan) -> str:

@@ -1,0 +1,60 @@
+"""``emloc plan MODEL_OR_CONFIG --budget 24GiB``: per-stage device and host memory, the largest compression
+ratio that fits, and optionally a dry run of the pipeline at full size on meta tensors to check it."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..memory import plan, reference_configs
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plan", help="plan the memory of every stage and the compression ratio that fits a budget",
+        description="Memory of building the emulator, training LoRA on it, correcting and exporting it, per stage "
+                    "and term, from a config alone. Without --ratio / --emulator-params, picks the largest "
+                    f"ratio that fits. Shipped configs: {', '.join(reference_configs())}.")
+    parser.add_argument("model", help="model directory, config.json, or the name of a shipped config")
+    parser.add_argument("--budget", default="24GiB", help="device memory per stage (24GiB, 20GB, ...; default 24GiB)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="training sequence length (default 2048)")
+    parser.add_argument("--batch", type=int, default=1, help="training micro-batch (default 1)")
+    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank on every decoder linear (default 8)")
+    parser.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--ratio", type=float, help="plan this compression ratio instead of searching")
+    target.add_argument("--emulator-params", help="plan the smallest ratio giving this many parameters (e.g. 5B)")
+    parser.add_argument("--vision", choices=("compress", "dense"), default="compress",
+                        help="compress a vision tower or keep it dense (frozen either way; default compress)")
+    parser.add_argument("--method", choices=("exact", "randomized"), default="exact", help="factorisation")
+    parser.add_argument("--embeddings-on-device", action="store_true",
+                        help="keep the input embedding on the device in training (default: on the host)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="also run the pipeline's code at full size on meta tensors and compare per stage")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = plan(args.model, args.budget, args.seq_len, args.batch, args.lora_r, args.samples, ratio=args.ratio,
+                      emulator_params=args.emulator_params, vision=args.vision, method=args.method,
+                      embeddings_on_device=args.embeddings_on_device)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"emloc plan: {exc}") from None
+    checked = None
+    if args.dry_run:
+        from ..memory.dry_run import verify
+
+        checked = verify(result)
+    if args.json:
+        out = result.to_dict()
+        if checked is not None:
+            out["dry_run"] = {name: {"planned_bytes": p, "measured_bytes": m} for name, (p, m) in checked.items()}
+        print(json.dumps(out, indent=2))
+    else:
+        print(result.table())
+        if checked is not None:
+            print("\ndry run (meta device, the pipeline's code)   planned GiB   measured GiB   difference")
+            for name, (planned, measured) in checked.items():
+                print(f"  {name:<42}{planned / 2**30:12.2f}{measured / 2**30:15.2f}{(planned - measured) / measured:12.1%}")
+    return 0 if result.fits else 1
