@@ -17,13 +17,16 @@ time, each read from the checkpoint shards on its own.
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
+
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoint_io import CheckpointReader, check_emulator_source
 from .lora import LoraAdapter
+from .streaming import CheckpointIndex
 
 
 def orthonormalize_lora(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -77,17 +80,19 @@ def correct_lora(original_path: str | os.PathLike, emulator_path: str | os.PathL
     """
     if not isinstance(adapter, LoraAdapter):
         adapter = LoraAdapter.load(adapter)
-    original, emulator = CheckpointReader(original_path), CheckpointReader(emulator_path)
+    original, emulator = CheckpointIndex(original_path), CheckpointIndex(emulator_path)
     if check_source:
-        check_emulator_source(emulator_path, original_path)
-    check_adapter_fits(adapter, original)
+        check_emulator_source(emulator_path, original)
+    check_adapter_names(adapter, original)
     corrected = {}
     for name, (a, b) in tqdm(adapter.weights.items(), desc="correcting LoRA", unit="layer", disable=not progress):
-        weight = original.get(f"{name}.weight", device)
-        if emulator.has(f"{name}.u"):
-            emulated = (emulator.get(f"{name}.u", device), emulator.get(f"{name}.v", device))
+        weight = original.load([f"{name}.weight"], device)[f"{name}.weight"]
+        check_adapter_shapes(name, a, b, weight.shape, original_path)
+        if f"{name}.u" in emulator:
+            factors = emulator.load([f"{name}.u", f"{name}.v"], device)
+            emulated = (factors[f"{name}.u"], factors[f"{name}.v"])
         else:
-            emulated = emulator.get(f"{name}.weight", device)
+            emulated = emulator.load([f"{name}.weight"], device)[f"{name}.weight"]
         a_t, b_hat = correct_layer(a.to(device), b.to(device), adapter.scaling, weight, emulated, clamp)
         corrected[name] = (a_t.to("cpu", dtype), b_hat.to("cpu", dtype))
         del weight, emulated
@@ -96,14 +101,30 @@ def correct_lora(original_path: str | os.PathLike, emulator_path: str | os.PathL
                        base_model=str(original_path), extra=extra)
 
 
-def check_adapter_fits(adapter: LoraAdapter, model: CheckpointReader) -> None:
-    """Raise ValueError naming the module if an adapter layer is not a 2-D weight of ``model`` of matching shape."""
-    for name, (a, b) in adapter.weights.items():
-        key = f"{name}.weight"
-        if not model.has(key):
-            raise ValueError(f"LoRA adapter module {name!r} is not a layer of the model at {model.path} "
-                             f"(no tensor {key!r} in its checkpoint)")
-        shape = model.shape(key)
-        if len(shape) != 2 or (b.shape[0], a.shape[1]) != tuple(shape):
-            raise ValueError(f"LoRA adapter module {name!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do "
-                             f"not fit the model's weight of shape {tuple(shape)} (at {model.path})")
+def check_emulator_source(emulator_path: str | os.PathLike, original: CheckpointIndex) -> None:
+    """Raise ValueError if the emulator was not built from ``original`` (content hash in its ``emloc`` config)."""
+    config_path = Path(emulator_path) / "config.json"
+    section = json.loads(config_path.read_text()).get("emloc") if config_path.is_file() else None
+    if not section:
+        raise ValueError(f"{emulator_path} is not an emloc emulator: {config_path} has no 'emloc' section")
+    recorded, actual = section["source"]["hash"], original.content_hash()
+    if recorded != actual:
+        raise ValueError(f"the emulator at {emulator_path} was built from a different model than "
+                         f"{original.directory} (source content hash {recorded[:12]}... in its config, "
+                         f"{actual[:12]}... for the model given)")
+
+
+def check_adapter_names(adapter: LoraAdapter, model: CheckpointIndex) -> None:
+    """Raise ValueError naming the first adapter module that has no weight in the model's checkpoint."""
+    for name in adapter.weights:
+        if f"{name}.weight" not in model:
+            raise ValueError(f"LoRA adapter module {name!r} is not a layer of the model at {model.directory} "
+                             f"(no tensor {name + '.weight'!r} in its checkpoint)")
+
+
+def check_adapter_shapes(name: str, a: Tensor, b: Tensor, shape, where) -> None:
+    """Raise ValueError if LoRA ``a (k, n)``, ``b (m, k)`` cannot sit on a weight of ``shape (m, n)``."""
+    if len(shape) != 2 or a.ndim != 2 or b.ndim != 2 or (b.shape[0], a.shape[1]) != tuple(shape) \
+            or a.shape[0] != b.shape[1]:
+        raise ValueError(f"LoRA adapter module {name!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do "
+                         f"not fit the weight of shape {tuple(shape)} in {where}")

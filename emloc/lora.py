@@ -27,6 +27,7 @@ from .layers import EmulatorLinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+EMLOC_INFO = "emloc_adapter.json"
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -192,12 +193,14 @@ class LoraAdapter:
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": self.base_model,
             "r": self.r, "lora_alpha": self.alpha, "use_rslora": self.rslora, "lora_dropout": self.dropout,
             "target_modules": sorted(self.weights), "bias": "none", "fan_in_fan_out": False,
-            "inference_mode": True, "init_lora_weights": True, "emloc": self.extra,
+            "inference_mode": True, "init_lora_weights": True,
         }
         weights_tmp = directory / f".{ADAPTER_WEIGHTS}.tmp"
         save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
         os.replace(weights_tmp, directory / ADAPTER_WEIGHTS)
         atomic_write_text(directory / ADAPTER_CONFIG, json.dumps(config, indent=2))
+        if self.extra:  # kept out of adapter_config.json, whose keys PEFT checks
+            atomic_write_text(directory / EMLOC_INFO, json.dumps(self.extra, indent=2))
         return directory
 
     @classmethod
@@ -229,7 +232,8 @@ class LoraAdapter:
             weights[name] = (a, b)
         return cls(weights, r=int(config["r"]), alpha=float(config["lora_alpha"]),
                    rslora=bool(config.get("use_rslora", False)), dropout=float(config.get("lora_dropout", 0.0)),
-                   base_model=config.get("base_model_name_or_path"), extra=config.get("emloc", {}))
+                   base_model=config.get("base_model_name_or_path"),
+                   extra=json.loads((directory / EMLOC_INFO).read_text()) if (directory / EMLOC_INFO).is_file() else {})
 
     def apply_to(self, model: nn.Module) -> None:
         """Attach these LoRA weights to ``model`` (emulator or original), by module name, with their scaling."""
