@@ -1,5 +1,11 @@
 """emloc: fine-tune a model far larger than your GPU through an emulator and LoRA correction (EMLoC)."""
+from .correction import correct_lora
+from .export import export, export_adapter, merge_adapter
 from .layers import EmulatorLinear
+from .lora import LoraAdapter, add_lora
 from .memory import Plan, plan
+from .pipeline import run
+from .training import TrainConfig, train
 
-__all__ = ["EmulatorLinear", "Plan", "plan"]
+__all__ = ["EmulatorLinear", "LoraAdapter", "Plan", "TrainConfig", "add_lora", "correct_lora", "export",
+           "export_adapter", "merge_adapter", "plan", "run", "train"]

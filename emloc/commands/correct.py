@@ -1,0 +1,32 @@
+"""``emloc correct MODEL_DIR EMULATOR_DIR ADAPTER_DIR --out DIR``: correct a LoRA trained on the emulator."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "correct", help="correct a LoRA trained on an emulator for the original model",
+        description="LoRA correction (DESIGN 1.6), one layer at a time from the shards: the corrected adapter makes "
+                    "the original model do on the LoRA input space what the emulator did in training.")
+    parser.add_argument("model", help="original model directory")
+    parser.add_argument("emulator", help="emulator directory the adapter was trained on")
+    parser.add_argument("adapter", help="trained adapter directory (OUT/adapter of `emloc train`)")
+    parser.add_argument("--out", required=True, help="directory for the corrected adapter")
+    clamp = parser.add_mutually_exclusive_group()
+    clamp.add_argument("--clamp", type=float, default=3.0, help="cap per LoRA direction (default 3.0)")
+    clamp.add_argument("--no-clamp", action="store_true", help="apply the full correction")
+    parser.add_argument("--device", default="cpu", help="where the float64 correction runs (default cpu)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..correction import correct_lora
+
+    try:
+        adapter = correct_lora(args.model, args.emulator, args.adapter, None if args.no_clamp else args.clamp,
+                               device=args.device)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"emloc correct: {exc}") from None
+    print(f"corrected {len(adapter.weights)} layers -> {adapter.save(args.out)}")
+    return 0

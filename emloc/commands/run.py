@@ -1,0 +1,39 @@
+"""``emloc run MODEL_DIR --data FILE --out DIR [--ratio R]``: build, train, correct and export in one go."""
+from __future__ import annotations
+
+import argparse
+
+from .train import DTYPES, add_training_arguments, train_config
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run", help="build the emulator, train LoRA, correct and export it",
+        description="The whole EMLoC path. Each stage writes under --out and a rerun resumes at the first unfinished "
+                    "one; a summary (sizes, losses, eval accuracy of the original before and after) ends the run.")
+    parser.add_argument("model", help="original model directory (safetensors + tokenizer)")
+    parser.add_argument("--data", required=True, help="training data; calibration samples are drawn from it too")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--ratio", type=float, default=0.4, help="compression ratio of the emulator (default 0.4)")
+    parser.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
+    parser.add_argument("--svd", choices=("exact", "randomized"), default="exact")
+    parser.add_argument("--clamp", type=float, default=3.0, help="correction clamp (default 3.0; 0: off)")
+    parser.add_argument("--merge", action="store_true", help="also write the merged checkpoint")
+    parser.add_argument("--no-eval", action="store_true", help="skip evaluating the original model")
+    add_training_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..pipeline import format_summary
+    from ..pipeline import run as run_pipeline
+
+    try:
+        summary = run_pipeline(args.model, args.data, args.out, args.ratio, train_config=train_config(args, None),
+                               clamp=args.clamp or None, merge=args.merge, device=args.device,
+                               dtype=DTYPES.get(args.dtype), max_samples=args.samples, svd=args.svd,
+                               evaluate_original=not args.no_eval)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"emloc run: {exc}") from None
+    print(format_summary(summary))
+    return 0

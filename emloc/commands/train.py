@@ -1,0 +1,83 @@
+"""``emloc train EMULATOR_DIR --data FILE --out DIR``: train LoRA on an emulator (checkpoints and resume in DIR)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from ..training import TrainConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training options shared by ``emloc train`` and ``emloc run`` (defaults from :class:`TrainConfig`)."""
+    d = TrainConfig()
+    group = parser.add_argument_group("training")
+    group.add_argument("--steps", type=int, default=d.max_steps, help=f"optimizer steps (default {d.max_steps})")
+    group.add_argument("--batch", type=int, default=d.micro_batch_size, help=f"micro-batch (default {d.micro_batch_size})")
+    group.add_argument("--accum", type=int, default=d.grad_accum, help=f"gradient accumulation (default {d.grad_accum})")
+    group.add_argument("--lr", type=float, default=d.learning_rate, help=f"peak learning rate (default {d.learning_rate})")
+    group.add_argument("--warmup", type=float, default=d.warmup_ratio, help=f"warm-up fraction (default {d.warmup_ratio})")
+    group.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    group.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clipping (0: off)")
+    group.add_argument("--lora-r", type=int, default=d.lora_r, help=f"LoRA rank (default {d.lora_r})")
+    group.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    group.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    group.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r)")
+    group.add_argument("--target", default=None,
+                       help="regular expression over module names (default: every linear but the LM head)")
+    group.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per example (default {d.max_length})")
+    group.add_argument("--lm-head-chunk", type=int, default=d.lm_head_chunk, help="tokens per LM-head chunk")
+    group.add_argument("--no-checkpointing", action="store_true", help="keep activations (no gradient checkpointing)")
+    group.add_argument("--eval-fraction", type=float, default=d.eval_fraction, help="held-out share of the data")
+    group.add_argument("--eval-steps", type=int, default=d.eval_steps, help="evaluate every N steps (0: at the end)")
+    group.add_argument("--save-steps", type=int, default=d.save_steps, help="checkpoint every N steps")
+    group.add_argument("--seed", type=int, default=d.seed)
+    group.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="base weight dtype (default: stored)")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+
+
+def train_config(args: argparse.Namespace, output_dir: str | None) -> TrainConfig:
+    """The :class:`TrainConfig` the parsed training options describe."""
+    return TrainConfig(
+        output_dir=output_dir, max_steps=args.steps, micro_batch_size=args.batch, grad_accum=args.accum,
+        learning_rate=args.lr, warmup_ratio=args.warmup, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm or None, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, rslora=args.rslora, lora_target=args.target, max_length=args.max_length,
+        gradient_checkpointing=not args.no_checkpointing, lm_head_chunk=args.lm_head_chunk,
+        eval_fraction=args.eval_fraction, eval_steps=args.eval_steps, save_steps=args.save_steps, seed=args.seed)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train LoRA on an emulator",
+        description="Train LoRA on an emulator built by `emloc build`. Checkpoints go to --out and a rerun resumes "
+                    "from the latest; the trained adapter is written to OUT/adapter. Under torchrun each process "
+                    "takes its share of every global batch.")
+    parser.add_argument("emulator", help="emulator directory")
+    parser.add_argument("--data", required=True, help="training data: JSONL (text / messages / conversations) or .txt")
+    parser.add_argument("--out", required=True, help="output directory")
+    add_training_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import transformers
+
+    from ..emulator import load_emulator
+    from ..training import train
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        config = train_config(args, args.out)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.emulator)
+        model = load_emulator(args.emulator, device=device, dtype=DTYPES.get(args.dtype))
+        result = train(model, args.data, config, tokenizer=tokenizer)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"emloc train: {exc}") from None
+    if result.adapter_dir is not None:
+        print(json.dumps({"steps": result.steps, "first_loss": result.losses[0], "last_loss": result.losses[-1],
+                          **result.eval, "adapter": str(result.adapter_dir)}, indent=2))
+    return 0

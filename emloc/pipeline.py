@@ -1,0 +1,138 @@
+"""The whole EMLoC path in one call: build the emulator, train LoRA on it, correct the LoRA, export it.
+
+Each stage writes into its own directory under ``output_dir`` (``emulator/``, ``train/``, ``corrected/``,
+``export/``) and is recorded in ``run_state.json`` when finished, so an interrupted run resumes at the first
+unfinished stage (building and training also resume inside the stage). The summary (sizes, losses, eval
+accuracy of the original model before and after) goes to ``summary.json`` and is returned.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import transformers
+
+from .correction import correct_lora
+from .data import load_examples, split_examples
+from .emulator import REPORT as BUILD_REPORT
+from .emulator import build_emulator, load_emulator
+from .export import export
+from .lora import LoraAdapter, atomic_write_text
+from .training import ADAPTER_DIR, REPORT_FILE, TrainConfig, evaluate, train
+
+STATE_FILE = "run_state.json"
+SUMMARY_FILE = "summary.json"
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
+
+
+def _original_eval(model_path: Path, adapters: dict[str, LoraAdapter | None], examples: list[dict], config,
+                   pad_id: int, device, dtype) -> dict[str, dict]:
+    """Eval metrics of the original model as is and with each adapter attached (one model load per adapter)."""
+    results = {}
+    for label, adapter in adapters.items():
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+        if adapter is not None:
+            adapter.apply_to(model)
+        results[label] = evaluate(model, examples, config.micro_batch_size, config.lm_head_chunk, pad_id)
+        del model
+    return results
+
+
+def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str | os.PathLike,
+        ratio: float | dict[str, float] = 0.4, *, train_config: TrainConfig | None = None, clamp: float | None = 3.0,
+        merge: bool = False, device: str | None = None, dtype: torch.dtype | None = None, max_samples: int = 64,
+        svd: str = "exact", evaluate_original: bool = True, progress: bool = True) -> dict:
+    """Build, train, correct and export; returns the summary (also written to ``output_dir/summary.json``).
+
+    Args:
+        model_path: the original model (safetensors checkpoint with tokenizer).
+        data: training data (JSONL text/messages/conversations or .txt); calibration samples come from it too.
+        output_dir: where every stage writes; rerunning with the same arguments resumes.
+        ratio: compression ratio (or ``{regex: ratio}``) of the emulator.
+        train_config: training settings (``output_dir`` is set to ``output_dir/train``).
+        clamp: the correction clamp (None: off).
+        merge: also write the merged checkpoint.
+        device, dtype: where and in which dtype the emulator is built and trained.
+        max_samples, svd: calibration sample count and factorisation of the build.
+        evaluate_original: evaluate the original model on the eval split before and after (loads it whole).
+    """
+    model_path, output_dir = Path(model_path), Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = replace(train_config or TrainConfig(), output_dir=str(output_dir / "train"), progress=progress)
+    state_path = output_dir / STATE_FILE
+    done = json.loads(state_path.read_text()) if state_path.is_file() else {}
+
+    def finish(stage: str) -> None:
+        done[stage] = True
+        atomic_write_text(state_path, json.dumps(done, indent=2))
+
+    emulator_dir = output_dir / "emulator"
+    if not done.get("build"):
+        build_emulator(model_path, data, emulator_dir, ratio, device=device, dtype=dtype, max_samples=max_samples,
+                       svd=svd, progress=progress)
+        finish("build")
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(emulator_dir)
+    pad_id = tokenizer.pad_token_id or 0
+    examples, eval_examples = split_examples(load_examples(data, tokenizer, config.max_length),
+                                             config.eval_fraction, config.seed)
+    train_dir = Path(config.output_dir)
+    if not done.get("train"):
+        emulator = load_emulator(emulator_dir, device=device, dtype=dtype)
+        train(emulator, examples, config, tokenizer=tokenizer, eval_data=eval_examples)
+        del emulator
+        finish("train")
+
+    corrected_dir = output_dir / "corrected"
+    if not done.get("correct"):
+        correct_lora(model_path, emulator_dir, train_dir / ADAPTER_DIR, clamp, device=device,
+                     progress=progress).save(corrected_dir)
+        finish("correct")
+
+    export_dir = output_dir / "export"
+    if not done.get("export"):
+        export(corrected_dir, model_path, export_dir, merge=merge, progress=progress)
+        finish("export")
+
+    build_report = json.loads((emulator_dir / BUILD_REPORT).read_text())
+    train_report = json.loads((train_dir / REPORT_FILE).read_text())
+    summary = {
+        "parameters": {"original": build_report["parameters_before"], "emulator": build_report["parameters_after"]},
+        "bytes": {"original": _dir_bytes(model_path), "emulator": _dir_bytes(emulator_dir)},
+        "train": {"steps": train_report["steps"], "first_loss": train_report["losses"][0],
+                  "last_loss": train_report["losses"][-1],
+                  **{k: v for k, v in train_report.items() if k.startswith("eval_")}},
+        "outputs": {"adapter": str(export_dir / "adapter"), **({"merged": str(export_dir / "merged")} if merge else {})},
+    }
+    if evaluate_original and eval_examples:
+        summary["original_eval"] = _original_eval(
+            model_path, {"before": None, "uncorrected": LoraAdapter.load(train_dir / ADAPTER_DIR),
+                         "after": LoraAdapter.load(corrected_dir)},
+            eval_examples, config, pad_id, device, dtype)
+    atomic_write_text(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a few lines of text for the command line."""
+    params, size, trained = summary["parameters"], summary["bytes"], summary["train"]
+    lines = [
+        f"parameters   original {params['original']:,}  emulator {params['emulator']:,} "
+        f"({params['emulator'] / params['original']:.1%})",
+        f"weights      original {size['original'] / 2**20:.1f} MiB  emulator {size['emulator'] / 2**20:.1f} MiB",
+        f"training     {trained['steps']} steps, loss {trained['first_loss']:.4f} -> {trained['last_loss']:.4f}"
+        + (f", emulator eval loss {trained['eval_loss']:.4f}" if "eval_loss" in trained else ""),
+    ]
+    for label, metrics in summary.get("original_eval", {}).items():
+        accuracy = metrics.get("eval_exact_match")
+        lines.append(f"original {label:<12} eval loss {metrics['eval_loss']:.4f}"
+                     + (f", exact match {accuracy:.1%}" if accuracy is not None else ""))
+    lines += [f"{name:<12} {path}" for name, path in summary["outputs"].items()]
+    return "\n".join(lines)
