@@ -1,0 +1,75 @@
+"""``emloc build``: compress a checkpoint into an emulator directory, block by block."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ..emulator import REPORT, build_emulator
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "build", help="build the emulator of a model from calibration data",
+        description="Build the emulator of MODEL_DIR (a transformers causal LM saved as safetensors with its "
+        "tokenizer) one block at a time, and write it to --out.",
+    )
+    parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    parser.add_argument("--data", type=Path, required=True, metavar="FILE",
+                        help="calibration data: JSONL with text, messages or conversations, or .txt")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="emulator directory to write")
+    ratio = parser.add_mutually_exclusive_group()
+    ratio.add_argument("--ratio", type=float, default=0.4, metavar="R",
+                       help="fraction of each linear's parameters kept, in (0, 1] (default 0.4)")
+    ratio.add_argument("--compress", type=Path, metavar="CONFIG.json",
+                       help="JSON object {regex over module names: ratio}; first match wins")
+    parser.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
+    parser.add_argument("--max-length", type=int, default=2048, help="tokens per sample (default 2048)")
+    parser.add_argument("--batch-size", type=int, default=4, help="samples per calibration batch (default 4)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                        help="compute and storage dtype (default: the checkpoint's)")
+    parser.add_argument("--svd", choices=("exact", "randomized"), default="exact")
+    parser.add_argument("--propagate", choices=("original", "emulator"), default="original",
+                        help="feed each block the original activations or the compressed blocks' outputs")
+    parser.add_argument("--seed", type=int, default=0, help="seed drawing the calibration samples")
+    parser.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="rebuild every block even if an interrupted build with the same settings exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace a directory built with other settings")
+    parser.set_defaults(func=run)
+
+
+def _compression(args) -> float | dict[str, float]:
+    if args.compress is None:
+        return args.ratio
+    try:
+        config = json.loads(args.compress.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"emloc build: --compress {args.compress}: cannot read a JSON object ({exc})")
+    if not isinstance(config, dict):
+        raise SystemExit(f"emloc build: --compress {args.compress}: expected a JSON object {{regex: ratio}}")
+    return config
+
+
+def summary(report: dict) -> str:
+    """The build report as text: parameters before and after, then rank and error per module."""
+    before, after = report["parameters_before"], report["parameters_after"]
+    lines = [f"parameters: {before:,} -> {after:,} ({after / before:.1%})",
+             f"{'module':<48} {'rank':>6} {'route':>7} {'rel. error':>10}"]
+    for name, info in report["modules"].items():
+        lines.append(f"{name:<48} {info['rank']:>6} {info['form']:>7} {info['error']:>10.4f}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    out = build_emulator(
+        args.model_dir, args.data, args.out, _compression(args), device=args.device,
+        dtype=getattr(torch, args.dtype) if args.dtype else None, max_samples=args.samples,
+        max_length=args.max_length, svd=args.svd, propagate=args.propagate, resume=args.resume,
+        overwrite=args.overwrite, batch_size=args.batch_size, seed=args.seed,
+    )
+    print(summary(json.loads((out / REPORT).read_text())))
+    print(f"emulator written to {out} (report: {out / REPORT})")
+    return 0
