@@ -1,0 +1,113 @@
+"""Benchmark set-up: the device, the dtype and the layer shapes to time, and a summary of speed-ups.
+
+On a GPU the ops run their Triton kernels at the true layer sizes of 7B- and 32B-class models in bf16.
+On the CPU they run the torch reference (the interpreter would time Python, so ``TRITON_INTERPRET`` is
+switched off here) in fp32 at the same shapes scaled down 16x, so the whole suite takes minutes.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from collections import defaultdict
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+SCALE = 1 if ON_GPU else 16
+
+# Layer shapes (out, in) of the two model classes. 7B: hidden 4096, MLP 11008 (Llama-2) or 14336
+# (Mistral / Llama-3); 32B: hidden 5120, MLP 27648, grouped-query k/v projections of 1024 outputs.
+LINEARS = {
+    "7B attn": (4096, 4096),
+    "7B mlp-up": (11008, 4096),
+    "7B mlp-up-14336": (14336, 4096),
+    "7B mlp-down": (4096, 11008),
+    "32B attn": (5120, 5120),
+    "32B k/v": (1024, 5120),
+    "32B mlp-up": (27648, 5120),
+    "32B mlp-down": (5120, 27648),
+}
+RATIO = 0.4  # fraction of a layer's parameters the emulator keeps
+LORA_RANK = 8
+LORA_ALPHA = 16
+CALIBRATION_TOKENS = 4 * 2048  # one calibration micro-batch: 4 samples of 2048 tokens
+TRAINING_TOKENS = 4096  # one training micro-batch
+
+
+def scaled(size: int) -> int:
+    """A layer dimension at this machine's benchmark scale."""
+    return max(1, size // SCALE)
+
+
+def emulator_rank(out_features: int, in_features: int) -> int:
+    """``r = floor(ratio m n / (m + n))`` (DESIGN 1.3)."""
+    return max(1, int(RATIO * out_features * in_features // (out_features + in_features)))
+
+
+def synchronize() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def pytest_configure(config):
+    if not ON_GPU:
+        os.environ["TRITON_INTERPRET"] = "0"
+
+
+def pytest_report_header(config):
+    if ON_GPU:
+        machine = torch.cuda.get_device_name()
+    else:
+        machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
+    backend = "Triton kernels" if ON_GPU else "torch reference (no GPU)"
+    return f"emloc kernels: {machine}; {backend}; {DTYPE}; layer shapes / {SCALE}; torch {torch.__version__}"
+
+
+MEDIANS: dict[str, dict[str, float]] = defaultdict(dict)
+
+
+@pytest.fixture
+def timed(benchmark):
+    """``timed(group, impl, fn, *args, rounds=None)``: benchmark ``fn(*args)`` as ``impl`` within ``group``.
+
+    Each group holds the naive baseline and the emloc variants on the same inputs; the session ends with
+    the median speed-up of every variant over the baseline. ``rounds`` fixes the number of rounds for slow
+    calls (pedantic mode).
+    """
+
+    def run(group: str, impl: str, fn, *args, rounds: int | None = None):
+        def call():
+            fn(*args)
+            synchronize()
+
+        benchmark.group = group
+        benchmark.extra_info["impl"] = impl
+        call()  # warm-up outside the timing: the first call pays for imports, op registration and compilation
+        if rounds is None:
+            benchmark(call)
+        else:
+            benchmark.pedantic(call, rounds=rounds)
+        if benchmark.stats is not None:
+            MEDIANS[group][impl] = benchmark.stats.stats.median
+
+    return run
+
+
+def pytest_terminal_summary(terminalreporter):
+    rows = [
+        (group, impl, timings["naive"], median)
+        for group, timings in MEDIANS.items() if "naive" in timings
+        for impl, median in timings.items() if impl != "naive"
+    ]
+    if not rows:
+        return
+    width = max(len(group) for group, *_ in rows)
+    terminalreporter.section("emloc vs naive baseline (medians, same run)")
+    terminalreporter.write_line(f"{'group':<{width}}  {'variant':<18} {'naive ms':>10} {'emloc ms':>10} {'speed-up':>9}")
+    for group, impl, naive, median in rows:
+        terminalreporter.write_line(
+            f"{group:<{width}}  {impl:<18} {naive * 1e3:>10.3f} {median * 1e3:>10.3f} {naive / median:>8.2f}x"
+        )
