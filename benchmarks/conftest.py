@@ -1,4 +1,4 @@
-"""Benchmark set-up: the device, the dtype and the layer shapes to time, and a summary of speed-ups.
+"""Benchmark set-up: the device, the dtype and the scale of the shapes to time, and a summary of speed-ups.
 
 On a GPU the ops run their Triton kernels at the true layer sizes of 7B- and 32B-class models in bf16.
 On the CPU they run the torch reference (the interpreter would time Python, so ``TRITON_INTERPRET`` is
@@ -16,35 +16,12 @@ import torch
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
-SCALE = 1 if ON_GPU else 16
-
-# Layer shapes (out, in) of the two model classes. 7B: hidden 4096, MLP 11008 (Llama-2) or 14336
-# (Mistral / Llama-3); 32B: hidden 5120, MLP 27648, grouped-query k/v projections of 1024 outputs.
-LINEARS = {
-    "7B attn": (4096, 4096),
-    "7B mlp-up": (11008, 4096),
-    "7B mlp-up-14336": (14336, 4096),
-    "7B mlp-down": (4096, 11008),
-    "32B attn": (5120, 5120),
-    "32B k/v": (1024, 5120),
-    "32B mlp-up": (27648, 5120),
-    "32B mlp-down": (5120, 27648),
-}
-RATIO = 0.4  # fraction of a layer's parameters the emulator keeps
-LORA_RANK = 8
-LORA_ALPHA = 16
-CALIBRATION_TOKENS = 4 * 2048  # one calibration micro-batch: 4 samples of 2048 tokens
-TRAINING_TOKENS = 4096  # one training micro-batch
+SCALE = 1 if ON_GPU else 16  # layer shapes (benchmarks/shapes.py) are divided by this
 
 
 def scaled(size: int) -> int:
     """A layer dimension at this machine's benchmark scale."""
     return max(1, size // SCALE)
-
-
-def emulator_rank(out_features: int, in_features: int) -> int:
-    """``r = floor(ratio m n / (m + n))`` (DESIGN 1.3)."""
-    return max(1, int(RATIO * out_features * in_features // (out_features + in_features)))
 
 
 def synchronize() -> None:

@@ -15,24 +15,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from baseline_build import whitened_factors
-from conftest import (
-    CALIBRATION_TOKENS, DEVICE, DTYPE, LINEARS, LORA_ALPHA, LORA_RANK, TRAINING_TOKENS, emulator_rank, scaled,
-)
+from conftest import DEVICE, DTYPE, scaled
+from shapes import CALIBRATION_TOKENS, LINEARS, LORA_ALPHA, LORA_RANK, TRAINING_TOKENS, emulator_rank
 
 from emloc_kernels import covariance_update, emulator_linear, projected_lowrank, whitened_lowrank, whitening
 
-COVARIANCE_WIDTHS = {"7B hidden": 4096, "7B mlp": 11008, "7B mlp-14336": 14336, "32B hidden": 5120, "32B mlp": 27648}
-FACTOR_LAYERS = ("7B attn", "7B mlp-up", "7B mlp-down", "32B k/v", "32B mlp-down")
+# The distinct input widths: hidden sizes and MLP widths (the down projections' inputs).
+COVARIANCE_WIDTHS = {"7B hidden": 4096, "7B mlp": 11008, "8B mlp": 14336, "32B hidden": 5120, "32B mlp": 27648}
+FACTOR_LAYERS = ("7B q", "7B up", "7B down", "32B k", "32B down")
 PADDING = 0.1  # fraction of calibration tokens that are padding
 
 
 def layer(name: str) -> tuple[int, int]:
     out_features, in_features = LINEARS[name]
     return scaled(out_features), scaled(in_features)
-
-
-def tokens(count: int) -> int:
-    return scaled(count)
 
 
 # --- covariance_update ---------------------------------------------------------------------------------
@@ -46,7 +42,7 @@ def naive_covariance(cov: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> 
 @pytest.mark.parametrize("impl", ("naive", "emloc"))
 @pytest.mark.parametrize("width", COVARIANCE_WIDTHS)
 def test_covariance_update(timed, width, impl):
-    n, T = scaled(COVARIANCE_WIDTHS[width]), tokens(CALIBRATION_TOKENS)
+    n, T = scaled(COVARIANCE_WIDTHS[width]), scaled(CALIBRATION_TOKENS)
     x = torch.randn(T, n, device=DEVICE, dtype=DTYPE)
     mask = torch.rand(T, device=DEVICE) >= PADDING
     cov = torch.zeros(n, n, device=DEVICE)
@@ -99,7 +95,7 @@ def forward_backward(fn, grad, *args):
 @pytest.mark.parametrize("name", LINEARS)
 def test_emulator_linear(timed, name, passes, impl):
     m, n = layer(name)
-    T, r = tokens(TRAINING_TOKENS), emulator_rank(m, n)
+    T, r = scaled(TRAINING_TOKENS), emulator_rank(m, n)
 
     def param(*shape, grad=False):
         return (torch.randn(*shape, device=DEVICE, dtype=DTYPE) / shape[-1] ** 0.5).requires_grad_(grad)
