@@ -359,10 +359,12 @@ def train(model: nn.Module, data, config: TrainConfig, tokenizer=None, eval_data
         micro = [{k: v.to(device) for k, v in collate(mine[i:i + config.micro_batch_size], pad_id).items()}
                  for i in range(0, per_rank, config.micro_batch_size)]
         started = time.perf_counter()
-        loss = training_step(loss_module, micro, target_tokens(chosen), optimizer, scheduler, parameters,
+        # DDP averages gradients over ranks; dividing the normalizer by the world size turns that into the sum.
+        loss = training_step(loss_module, micro, target_tokens(chosen) / world, optimizer, scheduler, parameters,
                              config.max_grad_norm)
         if world > 1:
             dist.all_reduce(loss)
+            loss /= world
         step += 1
         history.append(float(loss))
         tokens = sum(len(e["input_ids"]) for e in chosen)
