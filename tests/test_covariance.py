@@ -17,8 +17,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = REL_TOL[torch.float32]
 # 1, odd, and sizes that are not multiples of the fp32 (64) or 16-bit (128) tile; 130 spans several tiles.
 FEATURES = (1, 37, 130)
-# 1 token, and token counts that end mid-block (the kernel walks 32 tokens at a time).
-TOKENS = (1, 45, 100)
+# 1 token, and a token count that spans two blocks and ends mid-block (the kernel walks 32 at a time).
+TOKENS = (1, 45)
 
 
 @pytest.fixture(autouse=True)

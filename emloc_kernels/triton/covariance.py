@@ -41,20 +41,21 @@ def _covariance_kernel(
     BLOCK_T: tl.constexpr,
 ):
     tile_i, tile_j = _tile_pair(tl.program_id(0))
-    cols_i = tile_i * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols_j = tile_j * BLOCK_N + tl.arange(0, BLOCK_N)
+    # int64 offsets: token (or, for column-major x, feature) index times stride passes 2^31 on wide layers.
+    cols_i = (tile_i * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols_j = (tile_j * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     in_i = cols_i < n
     in_j = cols_j < n
-    tokens = tl.arange(0, BLOCK_T)
+    tokens = tl.arange(0, BLOCK_T).to(tl.int64)
 
     acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
     for start in range(0, T, BLOCK_T):
         rows = start + tokens
         selected = rows < T
         if HAS_MASK:
-            selected = selected & (tl.load(mask_ptr + rows.to(tl.int64) * stride_mask, mask=selected, other=0) != 0)
+            selected = selected & (tl.load(mask_ptr + rows * stride_mask, mask=selected, other=0) != 0)
         # Loading masked-out rows as zero (instead of multiplying them by zero) keeps NaN/inf in padding out.
-        row_offsets = rows.to(tl.int64) * stride_x_t
+        row_offsets = rows * stride_x_t
         x_i_t = tl.load(  # (BLOCK_N, BLOCK_T): x[rows, cols_i]^T, read straight in transposed order
             x_ptr + row_offsets[None, :] + cols_i[:, None] * stride_x_n,
             mask=in_i[:, None] & selected[None, :], other=0.0,
@@ -69,11 +70,11 @@ def _covariance_kernel(
         acc = tl.dot(x_i_t, x_j, acc, input_precision=DOT_PRECISION)
 
     in_tile = in_i[:, None] & in_j[None, :]
-    upper = cov_ptr + cols_i[:, None].to(tl.int64) * stride_cov_r + cols_j[None, :] * stride_cov_c
+    upper = cov_ptr + cols_i[:, None] * stride_cov_r + cols_j[None, :] * stride_cov_c
     tl.store(upper, tl.load(upper, mask=in_tile) + acc, mask=in_tile)
     if tile_i != tile_j:
         # cov[j, i] laid out in the tile's (i, j) order: the mirror update needs no transpose of acc.
-        lower = cov_ptr + cols_j[None, :].to(tl.int64) * stride_cov_r + cols_i[:, None] * stride_cov_c
+        lower = cov_ptr + cols_j[None, :] * stride_cov_r + cols_i[:, None] * stride_cov_c
         tl.store(lower, tl.load(lower, mask=in_tile) + acc, mask=in_tile)
 
 
