@@ -6,12 +6,18 @@ dtype by ``tests.utils.REL_TOL``.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import emloc_kernels
+from emloc import EmulatorLinear
 from emloc_kernels.triton import emulator_linear as triton_emulator_linear
-from tests.utils import FLOAT_DTYPES, REL_TOL, assert_close, non_contiguous
+from tests.utils import FLOAT_DTYPES, assert_close, non_contiguous
 
 # (tokens, in n, emulator rank r, out m, LoRA rank k): size one everywhere, odd sizes straddling the
 # interpreter's 32-wide tiles, and a rank wider than one tile.
@@ -22,14 +28,13 @@ SCALING = 0.75
 def make_layer(n, r, m, k, dtype, lora_dtype=None, bias=True, lora=True):
     """Random emulator factors (frozen) and optionally a bias and LoRA weights (trainable), all nonzero."""
     lora_dtype = lora_dtype or dtype
-    params = {
+    return {
         "v": (torch.randn(r, n) / n**0.5).to(dtype),
         "u": (torch.randn(m, r) / r**0.5).to(dtype),
         "bias": torch.randn(m).to(dtype).requires_grad_() if bias else None,
         "lora_a": (torch.randn(k, n) / n**0.5).to(lora_dtype).requires_grad_() if lora else None,
         "lora_b": torch.randn(m, k).to(lora_dtype).requires_grad_() if lora else None,
     }
-    return params
 
 
 def reference(x, params, scaling):
@@ -135,6 +140,62 @@ def test_triton_path_runs_and_splits_long_reductions(triton_backend, seed, monke
     assert any(grid[2] > 1 for grid in expansion.grids), f"no split-K launch among {expansion.grids}"
 
 
+# Run in a fresh interpreter without TRITON_INTERPRET, so that the kernels are compilable JITFunctions.
+# The launchers run for real on CPU tensors with their GPU tile configuration; the kernel objects are
+# replaced by recorders, and each recorded launch is compiled for sm_90 (no GPU needed).
+_COMPILE_LAUNCHES_FOR_HOPPER = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from emloc_kernels.triton import emulator_linear as K
+
+launches = []
+def recorder(kernel):
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((kernel, args, kwargs))
+    return Recorder()
+K._projection_kernel, K._expansion_kernel = recorder(K._projection_kernel), recorder(K._expansion_kernel)
+
+bf16, fp32 = torch.bfloat16, torch.float32
+x, dy = torch.randn(300, 64, dtype=bf16), torch.randn(300, 48, dtype=bf16)
+v, u, bias = torch.randn(16, 64, dtype=bf16), torch.randn(48, 16, dtype=bf16), torch.randn(48, dtype=bf16)
+a, b = torch.randn(8, 64, dtype=fp32), torch.randn(48, 8, dtype=fp32)
+_, xa = K.emulator_linear_forward(x, v, u, bias, a, b, 0.5)
+K.emulator_linear_backward(dy, x, xa, v, u, a, b, 0.5)
+
+types = {fp32: "*fp32", bf16: "*bf16"}
+for kernel, args, kwargs in launches:
+    options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages")}
+    runtime = [name for name in kernel.arg_names if name not in kwargs]
+    signature = {name: types[arg.dtype] if isinstance(arg, torch.Tensor) else "fp32" if isinstance(arg, float)
+                 else "i32" for name, arg in zip(runtime, args)}
+    signature.update(dict.fromkeys(kwargs, "constexpr"))
+    ptx = triton.compile(ASTSource(kernel, signature, kwargs), target=GPUTarget("cuda", 90, 32),
+                         options=options).asm["ptx"]
+    print(kernel.__name__, kwargs["DOT1"], kwargs["DOT2"], "wgmma" in ptx, "tf32" in ptx)
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter accepts code the compiler rejects (and ignores input_precision): compile every launch
+    of a bf16 layer with an fp32 LoRA for sm_90 and read the PTX: bf16 products on tensor cores (wgmma),
+    fp32 products IEEE (no TF32)."""
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_LAUNCHES_FOR_HOPPER], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, f"a kernel does not compile for sm_90:\n{done.stderr[-4000:]}"
+    launches = [line.split() for line in done.stdout.splitlines()]
+    # forward: [v; a] projection, y expansion; backward: [u, b] projection, dx, da, db expansions
+    assert [name for name, *_ in launches] == ["_projection_kernel", "_expansion_kernel"] + \
+        ["_projection_kernel"] + ["_expansion_kernel"] * 3, done.stdout
+    for name, dot1, dot2, wgmma, tf32 in launches:
+        assert tf32 == "False", f"{name} ({dot1}, {dot2}) multiplies with TF32"
+        assert wgmma == str(dot1 == "bf16"), f"{name} ({dot1}, {dot2}): wgmma={wgmma}"
+
+
 def test_empty_batch(triton_backend, seed):
     params = make_layer(7, 3, 5, 2, torch.float32)
     x = torch.randn(0, 7).requires_grad_()
@@ -176,28 +237,25 @@ def test_meta_tensors_flow_through(lora):
         assert (t.grad.device.type, t.grad.shape, t.grad.dtype) == ("meta", t.shape, t.dtype)
 
 
-class _LoRAProjection(torch.nn.Module):
-    def __init__(self, params):
-        super().__init__()
-        for name, t in params.items():
-            setattr(self, name, torch.nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
-
-    def forward(self, x):
-        return emloc_kernels.emulator_linear(torch.tanh(x), self.v, self.u, self.bias, self.lora_a, self.lora_b,
-                                             SCALING)
-
-
 def test_torch_compile_fullgraph_matches_eager(seed):
+    """An EmulatorLinear with LoRA compiled whole (inductor, CPU): same output and gradients as eager."""
     params = make_layer(19, 5, 13, 3, torch.float32)
-    eager, compiled = _LoRAProjection(params), _LoRAProjection(params)
-    x = torch.randn(2, 7, 19)
-    grad_y = torch.randn(2, 7, 13)
-    compiled_forward = torch.compile(compiled, fullgraph=True)
-    outputs = []
-    for module, forward in ((eager, eager), (compiled, compiled_forward)):
+    layers = []
+    for _ in range(2):
+        layer = EmulatorLinear.from_factors(params["u"], params["v"], params["bias"].detach())
+        layer.bias.requires_grad_()
+        layer.add_lora(3, alpha=6)
+        with torch.no_grad():
+            layer.lora_a.copy_(params["lora_a"])
+            layer.lora_b.copy_(params["lora_b"])
+        layers.append(layer)
+    eager, compiled = layers
+    x, grad_y = torch.randn(2, 7, 19), torch.randn(2, 7, 13)
+    results = []
+    for layer, forward in ((eager, eager), (compiled, torch.compile(compiled, fullgraph=True))):
         xi = x.clone().requires_grad_()
         y = forward(xi)
         y.backward(grad_y)
-        outputs.append([y, xi.grad, module.bias.grad, module.lora_a.grad, module.lora_b.grad])
-    for name, got, want in zip(["y", "x", "bias", "lora_a", "lora_b"], outputs[1], outputs[0]):
+        results.append([y, xi.grad, layer.bias.grad, layer.lora_a.grad, layer.lora_b.grad])
+    for name, got, want in zip(["y", "x", "bias", "lora_a", "lora_b"], results[1], results[0]):
         assert_close(got, want, torch.float32, what=f"compiled {name}")

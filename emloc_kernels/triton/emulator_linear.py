@@ -4,18 +4,19 @@ Two GEMM kernels carry all the work, each launched for both passes:
 
 * :func:`_projection_kernel` reads one input once for two weights stacked along the output axis,
   ``o1 = p w1^T`` and ``o2 = s p w2^T``. Forward: ``[h, xa] = x [v; a]^T``. Backward: ``[dy u, s dy b]``.
-* :func:`_expansion_kernel` sums two products into one output, ``out = c1 p1 q1 + c2 p2 q2 (+ bias)``.
+* :func:`_expansion_kernel` sums two products into one output, ``out = s1 p1 q1 + s2 p2 q2 (+ bias)``.
   Forward: ``y = h u^T + s xa b^T + bias``. Backward: ``dx = (dy u) v + (s dy b) a``, and the LoRA weight
   gradients ``da = (s dy b)^T x`` and ``db = s dy^T xa`` (single products, split along the token axis).
 
-Column tiles run along grid axis 0, so every program of one row tile runs back to back and the row tile of
-the input is fetched from memory once and reused from L2 by all of them, the LoRA columns included. The
-backward keeps only ``x`` and ``xa``: ``h`` is never needed again and ``[dy u, s dy b]`` is recomputed.
+Column tiles run along grid axis 0, so the programs of one row tile, the LoRA columns included, run back
+to back and can share that row tile of the input through L2 instead of each fetching it from memory.
+The backward needs only ``x`` and ``xa``: ``h`` is not kept, and ``[dy u, s dy b]`` comes from ``dy``.
 
 Inputs keep their strides and may differ in dtype (an fp32 LoRA on a bf16 base). Each product multiplies
 its operands in their promoted dtype and accumulates in fp32; fp32 dots are IEEE-exact. Intermediates
 (``h``, ``dy u``, ``s dy b``) are stored in the promoted dtype of their operands so that half-precision
-layers keep half-precision tensor-core dots in the second GEMM; every result is cast once, at the end.
+layers keep half-precision tensor-core dots in the second GEMM (the reference keeps ``h`` in fp32; the
+extra rounding is within the half-precision tolerance); each output is cast once from its fp32 accumulator.
 """
 from __future__ import annotations
 
@@ -86,18 +87,19 @@ def _projection_kernel(
     pid_n = tl.program_id(0)
     off_m = tl.program_id(1) * BLOCK_M
     tiles1 = tl.cdiv(N1, BLOCK_N1)
+    # The branches' tiles differ in width, so each keeps its own names (the compiler merges shared ones).
     if pid_n < tiles1:
-        off_n = pid_n * BLOCK_N1
-        acc = _tile_product(p_ptr, w1_ptr, off_m, off_n, M, N1, 0, K,
-                            stride_pm, stride_pk, stride_w1k, stride_w1n,
-                            DOT1, PRECISION1, BLOCK_M, BLOCK_N1, BLOCK_K)
-        _store_tile(o1_ptr, acc, off_m, off_n, M, N1, stride_o1m, stride_o1n, BLOCK_M, BLOCK_N1)
+        off_n1 = pid_n * BLOCK_N1
+        acc1 = _tile_product(p_ptr, w1_ptr, off_m, off_n1, M, N1, 0, K,
+                             stride_pm, stride_pk, stride_w1k, stride_w1n,
+                             DOT1, PRECISION1, BLOCK_M, BLOCK_N1, BLOCK_K)
+        _store_tile(o1_ptr, acc1, off_m, off_n1, M, N1, stride_o1m, stride_o1n, BLOCK_M, BLOCK_N1)
     else:
-        off_n = (pid_n - tiles1) * BLOCK_N2
-        acc = _tile_product(p_ptr, w2_ptr, off_m, off_n, M, N2, 0, K,
-                            stride_pm, stride_pk, stride_w2k, stride_w2n,
-                            DOT2, PRECISION2, BLOCK_M, BLOCK_N2, BLOCK_K)
-        _store_tile(o2_ptr, acc * scale2, off_m, off_n, M, N2, stride_o2m, stride_o2n, BLOCK_M, BLOCK_N2)
+        off_n2 = (pid_n - tiles1) * BLOCK_N2
+        acc2 = _tile_product(p_ptr, w2_ptr, off_m, off_n2, M, N2, 0, K,
+                             stride_pm, stride_pk, stride_w2k, stride_w2n,
+                             DOT2, PRECISION2, BLOCK_M, BLOCK_N2, BLOCK_K)
+        _store_tile(o2_ptr, acc2 * scale2, off_m, off_n2, M, N2, stride_o2m, stride_o2n, BLOCK_M, BLOCK_N2)
 
 
 @triton.jit
@@ -151,12 +153,13 @@ class _Tiles:
 
 
 def _tiles(*tensors: torch.Tensor) -> _Tiles:
-    """Tile sizes for the operands' dtypes. The interpreter gets small tiles so tests cover many of them."""
+    """Tile sizes for a product of ``tensors``. The interpreter gets small tiles so tests cover many of them."""
     if triton_interpreted():
         return _Tiles(32, 32, 32, num_warps=4, num_stages=1, min_split_k=64, target_programs=4)
-    wide = all(t.element_size() <= 2 for t in tensors)
-    # Untuned starting points: 16-bit operands run on tensor cores with a deeper K tile than fp32.
-    return _Tiles(128, 128, 64 if wide else 32, num_warps=8, num_stages=3 if wide else 2,
+    half = all(t.element_size() <= 2 for t in tensors)
+    # Untuned starting points: 16-bit operands run on tensor cores with a deeper K tile than fp32;
+    # split-K aims at two programs per SM of an H100 (132 SMs).
+    return _Tiles(128, 128, 64 if half else 32, num_warps=8, num_stages=3 if half else 2,
                   min_split_k=1024, target_programs=264)
 
 
@@ -188,7 +191,7 @@ def _project(p: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, scale2:
     o2 = None if w2 is None else torch.empty((m, n2), dtype=dtype2, device=p.device)
     if m == 0:
         return o1, o2
-    t = _tiles(p, w1, *([] if w2 is None else [w2]))
+    t = _tiles(p, w1)  # sized for the main product; the narrow w2 tiles keep their own dot dtype
     block_n2 = _narrow_block(n2, t.block_n)
     dot1, dot2 = _dot(p, w1), _dot(p, w1 if w2 is None else w2)
     w2, o2_arg = (w1, o1) if w2 is None else (w2, o2)  # no w2 tiles are launched when n2 == 0
@@ -215,7 +218,7 @@ def _expand(p1: torch.Tensor, q1: torch.Tensor, out_dtype: torch.dtype, *, scale
     small matrix) is split along its reduction so that enough programs run; fp32 partials are then summed.
     """
     (m, k1), n = p1.shape, q1.shape[1]
-    t = _tiles(p1, q1, *(second or ()))
+    t = _tiles(p1, q1)  # sized for the first product; the second is a short (LoRA rank) reduction
     splits = 1
     if second is None and bias is None:
         tiles = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
@@ -223,7 +226,7 @@ def _expand(p1: torch.Tensor, q1: torch.Tensor, out_dtype: torch.dtype, *, scale
     # Chunks are whole K tiles (at least one, so an empty reduction still writes its zeros).
     split_k1 = max(1, triton.cdiv(triton.cdiv(k1, splits), t.block_k)) * t.block_k
     splits = max(1, triton.cdiv(k1, split_k1))
-    block_k2 = _narrow_block(second[0].shape[1], t.block_k) if second is not None else 16
+    block_k2 = _narrow_block(second[0].shape[1], t.block_k) if second is not None else 16  # 16: unused
     out = torch.empty((splits, m, n), dtype=torch.float32 if splits > 1 else out_dtype, device=p1.device)
     if m and n:
         p2, q2 = second if second is not None else (p1, q1)
