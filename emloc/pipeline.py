@@ -109,7 +109,8 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
         "train": {"steps": train_report["steps"], "first_loss": train_report["losses"][0],
                   "last_loss": train_report["losses"][-1],
                   **{k: v for k, v in train_report.items() if k.startswith("eval_")}},
-        "outputs": {"adapter": str(export_dir / "adapter"), **({"merged": str(export_dir / "merged")} if merge else {})},
+        "outputs": {"adapter": str(export_dir / "adapter"),
+                    **({"merged": str(export_dir / "merged")} if merge else {})},
     }
     if evaluate_original and eval_examples:
         summary["original_eval"] = _original_eval(

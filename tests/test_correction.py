@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from emloc.correction import correct_layer, correct_lora, orthonormalize_lora
-from emloc.lora import LoraAdapter, lora_scaling
+from emloc.correction import correct_layer, orthonormalize_lora
+from emloc.lora import lora_scaling
 from emloc_kernels import whitened_lowrank, whitening
 from utils import assert_close, rel_error
 

@@ -56,7 +56,8 @@ def test_corrected_file_adapter_reproduces_emulator_layers(built):
         a, b = adapter.weights[name]
         x = torch.randn(7, a.shape[0], dtype=torch.float64) @ a.double()  # inputs in the LoRA space
         with torch.no_grad():
-            want = x @ (emulated.u.double() @ emulated.v.double()).T + adapter.scaling * (x @ a.double().T) @ b.double().T
+            emulated_weight = emulated.u.double() @ emulated.v.double()
+            want = x @ emulated_weight.T + adapter.scaling * (x @ a.double().T) @ b.double().T
             got = x @ dense.weight.double().T + corrected.scaling * (x @ a_t.double().T) @ b_hat.double().T
         errors.append(assert_close(got, want, rtol=1e-5, what=f"{name} on the LoRA space"))
         # The file path computes what the in-memory correction computes.

@@ -16,8 +16,7 @@ from emloc import EmulatorLinear
 from emloc import training
 from emloc.data import IGNORE, DataError, collate, load_examples
 from emloc.lora import LoraAdapter, add_lora, lora_parameters
-from emloc.training import (CausalLMLoss, TrainConfig, cosine_schedule, evaluate, lm_head_cross_entropy,
-                            train)
+from emloc.training import TrainConfig, cosine_schedule, evaluate, lm_head_cross_entropy, train
 from emulators import emulate_in_memory, load_tiny
 from utils import assert_close, non_contiguous
 

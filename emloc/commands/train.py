@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
@@ -15,20 +16,20 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """The training options shared by ``emloc train`` and ``emloc run`` (defaults from :class:`TrainConfig`)."""
     d = TrainConfig()
     group = parser.add_argument_group("training")
-    group.add_argument("--steps", type=int, default=d.max_steps, help=f"optimizer steps (default {d.max_steps})")
-    group.add_argument("--batch", type=int, default=d.micro_batch_size, help=f"micro-batch (default {d.micro_batch_size})")
-    group.add_argument("--accum", type=int, default=d.grad_accum, help=f"gradient accumulation (default {d.grad_accum})")
-    group.add_argument("--lr", type=float, default=d.learning_rate, help=f"peak learning rate (default {d.learning_rate})")
-    group.add_argument("--warmup", type=float, default=d.warmup_ratio, help=f"warm-up fraction (default {d.warmup_ratio})")
+    group.add_argument("--steps", type=int, default=d.max_steps, help="optimizer steps (default %(default)s)")
+    group.add_argument("--batch", type=int, default=d.micro_batch_size, help="micro-batch (default %(default)s)")
+    group.add_argument("--accum", type=int, default=d.grad_accum, help="gradient accumulation (default %(default)s)")
+    group.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate (default %(default)s)")
+    group.add_argument("--warmup", type=float, default=d.warmup_ratio, help="warm-up fraction (default %(default)s)")
     group.add_argument("--weight-decay", type=float, default=d.weight_decay)
     group.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clipping (0: off)")
-    group.add_argument("--lora-r", type=int, default=d.lora_r, help=f"LoRA rank (default {d.lora_r})")
+    group.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default %(default)s)")
     group.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     group.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
     group.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r)")
     group.add_argument("--target", default=None,
                        help="regular expression over module names (default: every linear but the LM head)")
-    group.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per example (default {d.max_length})")
+    group.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (default %(default)s)")
     group.add_argument("--lm-head-chunk", type=int, default=d.lm_head_chunk, help="tokens per LM-head chunk")
     group.add_argument("--no-checkpointing", action="store_true", help="keep activations (no gradient checkpointing)")
     group.add_argument("--eval-fraction", type=float, default=d.eval_fraction, help="held-out share of the data")
@@ -63,13 +64,25 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _init_distributed() -> str | None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs) and return this
+    process's device, or None when not launched by torchrun."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+
+
 def run(args: argparse.Namespace) -> int:
     import transformers
 
     from ..emulator import load_emulator
     from ..training import train
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _init_distributed() or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         config = train_config(args, args.out)
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.emulator)
