@@ -108,6 +108,16 @@ def test_mixed_dtypes(triton_backend, seed, base, lora):
     check_forward_backward(x, params, torch.bfloat16)
 
 
+def test_frozen_lora_still_shapes_the_input_gradient(triton_backend, seed):
+    """LoRA weights that do not train get no gradient, but their branch still enters ``dx``."""
+    params = make_layer(29, 7, 21, 4, torch.float16)
+    for name in ("bias", "lora_a", "lora_b"):
+        params[name].requires_grad_(False)
+    x = torch.randn(11, 29).to(torch.float16).requires_grad_()
+    check_forward_backward(x, params, torch.float16)
+    assert params["lora_a"].grad is None and params["lora_b"].grad is None
+
+
 class _LaunchSpy:
     """Stands in for a Triton kernel object: records the grids it is launched on, then launches."""
 
