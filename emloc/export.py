@@ -10,8 +10,10 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from .correction import check_adapter_names, check_adapter_shapes
@@ -44,6 +46,13 @@ def export_adapter(adapter: LoraAdapter | str | os.PathLike, original_path: str 
     return adapter.save(output_dir)
 
 
+def merge_lora(weight: Tensor, a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """``W + s B A`` summed in fp32 (one fp32 copy of ``W``, updated in place) and cast back to ``W``'s dtype."""
+    merged = weight.to(torch.float32, copy=True)  # never update the caller's fp32 weight in place
+    merged.addmm_(b.float(), a.float(), alpha=scaling)
+    return merged.to(weight.dtype)
+
+
 def merge_adapter(adapter: LoraAdapter | str | os.PathLike, original_path: str | os.PathLike,
                   output_dir: str | os.PathLike, progress: bool = True) -> Path:
     """Write the original checkpoint with ``adapter`` merged in (``W + s B A``, fp32 sum, original dtype).
@@ -62,9 +71,7 @@ def merge_adapter(adapter: LoraAdapter | str | os.PathLike, original_path: str |
         for key, weight in tensors.items():
             name = key.removesuffix(".weight")
             if key.endswith(".weight") and name in adapter.weights:
-                a, b = adapter.weights[name]
-                delta = adapter.scaling * (b.float() @ a.float())
-                tensors[key] = (weight.float() + delta).to(weight.dtype)
+                tensors[key] = merge_lora(weight, *adapter.weights[name], adapter.scaling)
         atomic_write(output_dir / file, lambda tmp, t=tensors: save_file(t, str(tmp), metadata={"format": "pt"}))
         del tensors
     for path in original_path.iterdir():
