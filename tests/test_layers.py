@@ -46,6 +46,13 @@ def test_equals_dense_linear(seed, dtype, bias):
     assert_close(y, dense(layer)(x.double()), dtype)
 
 
+def test_from_factors_shares_storage(seed):
+    u, v = torch.randn(M, RANK), torch.randn(RANK, N)
+    layer = EmulatorLinear.from_factors(u, v)
+    assert layer.u.data_ptr() == u.data_ptr() and layer.v.data_ptr() == v.data_ptr()
+    assert (layer.in_features, layer.out_features, layer.rank, layer.bias) == (N, M, RANK, None)
+
+
 @pytest.mark.parametrize("rslora,expected_scaling", [(False, 16 / 4), (True, 16 / math.sqrt(4))], ids=["alpha/r", "rslora"])
 def test_lora_equals_merged_weight(seed, rslora, expected_scaling):
     """With LoRA the layer computes ``(u v + s B A) x + bias``, s = alpha / r or alpha / sqrt(r)."""
