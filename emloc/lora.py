@@ -201,6 +201,8 @@ class LoraAdapter:
         atomic_write_text(directory / ADAPTER_CONFIG, json.dumps(config, indent=2))
         if self.extra:  # kept out of adapter_config.json, whose keys PEFT checks
             atomic_write_text(directory / EMLOC_INFO, json.dumps(self.extra, indent=2))
+        else:
+            (directory / EMLOC_INFO).unlink(missing_ok=True)
         return directory
 
     @classmethod

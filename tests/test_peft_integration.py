@@ -11,7 +11,7 @@ import torch
 from checkpoints import make_checkpoint
 from emloc import EmulatorLinear
 from emloc import peft_integration
-from emloc.lora import add_lora, lora_modules
+from emloc.lora import LoraAdapter, add_lora, lora_modules
 from emloc.peft_integration import EmulatorLoraLayer, register_emulator_lora
 from emulators import emulate_in_memory, load_tiny
 from utils import assert_close
@@ -59,7 +59,7 @@ def test_peft_lora_on_emulator_matches_add_lora(emulator, seed, monkeypatch, alp
     assert trainable and all("lora_" in n for n in trainable)
 
 
-def test_single_layer_through_the_triton_path(seed):
+def test_single_layer_through_the_triton_path(seed, tmp_path):
     """One odd-sized layer with the default backend (Triton, interpreted without a GPU)."""
     u, v, bias = torch.randn(23, 5), torch.randn(5, 19), torch.randn(23)
     model = torch.nn.Sequential(EmulatorLinear.from_factors(u, v, bias))
@@ -76,3 +76,8 @@ def test_single_layer_through_the_triton_path(seed):
     assert_close(theirs(x), ours(x).double(), rtol=1e-5, what="layer output")
     with pytest.raises(NotImplementedError, match="no dense weight to merge"):
         theirs.merge_adapter()
+    # An adapter saved by PEFT is one emloc reads (for correction and export).
+    theirs.save_pretrained(tmp_path)
+    adapter = LoraAdapter.load(tmp_path)
+    assert adapter.scaling == ours[0].lora_scaling
+    assert torch.equal(adapter.weights["0"][0], ours[0].lora_a) and torch.equal(adapter.weights["0"][1], ours[0].lora_b)
