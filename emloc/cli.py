@@ -7,7 +7,7 @@ import sys
 
 # Each name is a module ``emloc.commands.<name>`` exposing ``add_parser(subparsers)``, which registers
 # the sub-command and sets ``func(args) -> int`` as its default.
-COMMANDS: tuple[str, ...] = ("build", "plan", "train", "correct", "export", "run")
+COMMANDS: tuple[str, ...] = ("build", "plan", "train", "correct", "export", "run", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

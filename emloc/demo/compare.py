@@ -1,0 +1,155 @@
+"""The comparison behind ``emloc demo`` and ``benchmarks/quality``: EMLoC against its baselines.
+
+For every compression ratio and seed, on the task of :mod:`.task` (train split for fine-tuning and
+calibration, held-out test split for the score):
+
+* zero-shot original: the pretrained default model as it is;
+* LoRA on original: LoRA trained on the full model (the memory-hungry reference);
+* emulator LoRA, uncorrected: ``emloc.run`` builds the emulator and trains LoRA on it; that adapter is put
+  on the original model as it is;
+* EMLoC (corrected): the adapter ``emloc.run`` corrected and exported, on the original model;
+* smaller model + LoRA: the baseline pretrained by the same recipe with about the emulator's parameter
+  count, fine-tuned with LoRA.
+
+Fine-tuning settings are the same for every row. Each run records exact match on the test split, the peak
+memory of one fine-tuning step (:mod:`.measure`) and its wall time.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..data import collate, load_examples
+from ..emulator import load_emulator
+from ..lora import LoraAdapter
+from ..pipeline import run as emloc_run
+from ..training import ADAPTER_DIR, TrainConfig, train
+from .configs import BASELINES, DEFAULT, ModelSpec
+from .measure import training_peak_bytes
+from .report import Run
+from .task import TaskConfig, exact_match, make_splits, write_chat_jsonl
+
+ZERO_SHOT = "zero-shot original"
+FULL_LORA = "LoRA on original"
+UNCORRECTED = "emulator LoRA, uncorrected"
+EMLOC = "EMLoC (corrected)"
+SMALLER = "smaller model + LoRA"
+ROWS = (ZERO_SHOT, FULL_LORA, UNCORRECTED, EMLOC, SMALLER)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the comparison runs: ratios, seeds, the task and one fine-tuning recipe for every row."""
+
+    ratios: tuple[float, ...] = (0.5, 0.25)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    task: TaskConfig = TaskConfig()
+    model: ModelSpec = DEFAULT
+    baselines: dict[float, ModelSpec] = field(default_factory=lambda: dict(BASELINES))
+    steps: int = 300
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    calibration_samples: int = 64
+
+    def train_config(self, seed: int) -> TrainConfig:
+        """The LoRA recipe shared by every fine-tuned row (no checkpoints in between, no eval split)."""
+        return TrainConfig(max_steps=self.steps, micro_batch_size=self.batch_size, grad_accum=1,
+                           learning_rate=self.learning_rate, warmup_ratio=0.05, lora_r=self.lora_r,
+                           lora_alpha=self.lora_alpha, max_length=64, gradient_checkpointing=False,
+                           eval_fraction=0.0, save_steps=self.steps, seed=seed, progress=False)
+
+
+def _load(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+class Comparison:
+    """Runs the rows of :data:`ROWS` for the given :class:`Settings` and collects :class:`Run` records."""
+
+    def __init__(self, settings: Settings, workdir: Path) -> None:
+        missing = [str(s.path) for s in (settings.model, *settings.baselines.values()) if not s.path.is_dir()]
+        if missing:
+            raise FileNotFoundError(f"demo checkpoints not found: {', '.join(missing)}; rebuild them with "
+                                    "`python -m emloc.demo.pretrain`")
+        absent = sorted(set(settings.ratios) - set(settings.baselines))
+        if absent:
+            raise ValueError(f"no smaller baseline model for compression ratio(s) {absent}; "
+                             f"the demo has baselines for {sorted(settings.baselines)}")
+        self.settings, self.workdir = settings, workdir
+        self.tokenizer = AutoTokenizer.from_pretrained(settings.model.path)
+        train_split, self.test = make_splits(settings.task)
+        self.data = write_chat_jsonl(train_split, workdir / "train.jsonl")
+        self.examples = load_examples(self.data, self.tokenizer, max_length=64)
+        self.memory_batch = collate(self.examples[: settings.batch_size], self.tokenizer.pad_token_id)
+
+    def score(self, model: torch.nn.Module) -> float:
+        return exact_match(model, self.tokenizer, self.test)
+
+    def zero_shot(self) -> list[Run]:
+        start = time.perf_counter()
+        accuracy = self.score(_load(self.settings.model.path))
+        seconds = time.perf_counter() - start
+        return [Run(ZERO_SHOT, ratio, seed, accuracy, None, seconds)
+                for ratio in self.settings.ratios for seed in self.settings.seeds]
+
+    def lora(self, spec: ModelSpec, seed: int) -> tuple[float, int, float]:
+        """Fine-tune ``spec`` with LoRA; returns accuracy, peak bytes of a step, wall seconds."""
+        start = time.perf_counter()
+        model = _load(spec.path)
+        train(model, self.examples, self.settings.train_config(seed), tokenizer=self.tokenizer)
+        seconds = time.perf_counter() - start
+        return self.score(model), training_peak_bytes(model, self.memory_batch), seconds
+
+    def emloc(self, ratio: float, seed: int) -> list[Run]:
+        """``emloc.run`` at ``ratio``; the adapter before and after correction, each on the original model."""
+        out = self.workdir / f"emloc-{ratio:g}-seed{seed}"
+        start = time.perf_counter()
+        emloc_run(self.settings.model.path, self.data, out, ratio, train_config=self.settings.train_config(seed),
+                  device="cpu", max_samples=self.settings.calibration_samples, evaluate_original=False,
+                  progress=False)
+        seconds = time.perf_counter() - start
+        emulator = load_emulator(out / "emulator", device="cpu")
+        LoraAdapter.load(out / "train" / ADAPTER_DIR).apply_to(emulator)
+        peak = training_peak_bytes(emulator, self.memory_batch)
+        runs = []
+        for row, adapter_dir in ((UNCORRECTED, out / "train" / ADAPTER_DIR), (EMLOC, out / "corrected")):
+            model = _load(self.settings.model.path)
+            LoraAdapter.load(adapter_dir).apply_to(model)
+            runs.append(Run(row, ratio, seed, self.score(model), peak, seconds))
+        return runs
+
+    def run_all(self) -> list[Run]:
+        """Every row, ratio and seed, in table order."""
+        settings = self.settings
+        jobs = len(settings.seeds) * (1 + 2 * len(settings.ratios))
+        runs = self.zero_shot()
+        with tqdm(total=jobs, desc="fine-tuning runs", unit="run") as bar:
+            for seed in settings.seeds:
+                accuracy, peak, seconds = self.lora(settings.model, seed)
+                runs += [Run(FULL_LORA, ratio, seed, accuracy, peak, seconds) for ratio in settings.ratios]
+                bar.update()
+                for ratio in settings.ratios:
+                    runs += self.emloc(ratio, seed)
+                    bar.update()
+                    accuracy, peak, seconds = self.lora(settings.baselines[ratio], seed)
+                    runs.append(Run(SMALLER, ratio, seed, accuracy, peak, seconds))
+                    bar.update()
+        order = {row: i for i, row in enumerate(ROWS)}
+        return sorted(runs, key=lambda r: (-r.ratio, order[r.row], r.seed))
+
+
+def compare(settings: Settings = Settings(), workdir: Path | None = None) -> list[Run]:
+    """Run the whole comparison; intermediate checkpoints go to ``workdir`` (a temporary one by default)."""
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        return Comparison(settings, workdir).run_all()
+    with tempfile.TemporaryDirectory(prefix="emloc-demo-") as tmp:
+        return Comparison(settings, Path(tmp)).run_all()
