@@ -144,10 +144,8 @@ class BlockInput:
 
 
 def _covariance_keys(group: list[LinearPlan]) -> list[tuple[str, int]]:
-    keys = [(f"out:{p.name}", p.out_features) for p in group if p.form == "output"]
-    if any(p.form == "input" for p in group):
-        keys.append((f"in:{group[0].name}", group[0].in_features))
-    return keys
+    keys = [(f"in:{group[0].name}", group[0].in_features)] if any(p.form == "input" for p in group) else []
+    return keys + [(f"out:{p.name}", p.out_features) for p in group if p.form == "output"]
 
 
 def calibrate_block(block: nn.Module, plan: list[list[LinearPlan]], inputs: Iterable[BlockInput],

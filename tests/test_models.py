@@ -13,6 +13,13 @@ from checkpoints import ARCHITECTURES, make_checkpoint
 from utils import assert_close
 
 
+@pytest.fixture(autouse=True)
+def torch_kernels(monkeypatch):
+    """The pipeline runs on the torch reference ops: the Triton kernels have their own tests against it,
+    and in the CPU interpreter they would make these model-level tests minutes long."""
+    monkeypatch.setenv("EMLOC_BACKEND", "torch")
+
+
 def _padded_batches(seed: int, vocab: int = 200):
     """Two right-padded batches of varied lengths, longer than the tiny models' sliding window (8)."""
     generator = torch.Generator().manual_seed(seed)
