@@ -16,7 +16,9 @@ from emloc import EmulatorLinear
 from emloc import training
 from emloc.data import IGNORE, DataError, collate, load_examples
 from emloc.lora import LoraAdapter, add_lora, lora_parameters
-from emloc.training import TrainConfig, cosine_schedule, evaluate, lm_head_cross_entropy, train
+from emloc.data import target_tokens
+from emloc.training import (CausalLMLoss, TrainConfig, cosine_schedule, evaluate, lm_head_cross_entropy, train,
+                            training_step)
 from emulators import emulate_in_memory, load_tiny
 from utils import assert_close, non_contiguous
 
@@ -141,14 +143,35 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "checkpoint-4", "train_report.json"]
 
 
-def test_bf16_base_keeps_fp32_lora(tiny):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_keeps_fp32_lora(tiny, dtype):
     model_dir, chat, tokenizer = tiny
-    model = emulator(model_dir, torch.bfloat16)
+    model = emulator(model_dir, dtype)
     result = train(model, chat, TrainConfig(max_steps=2, micro_batch_size=2, grad_accum=1, learning_rate=1e-2,
                                             **TINY), tokenizer=tokenizer)
     assert all(p.dtype == torch.float32 for p in lora_parameters(model))  # so AdamW's state is fp32 too
-    assert next(m for m in model.modules() if hasattr(m, "u")).u.dtype == torch.bfloat16
+    assert next(m for m in model.modules() if hasattr(m, "u")).u.dtype == dtype
     assert all(math.isfinite(x) for x in result.losses) and abs(lora_state(model)).sum() > 0
+
+
+def test_step_clips_the_accumulated_gradient(tiny):
+    model_dir, chat, tokenizer = tiny
+    model = emulator(model_dir)
+    add_lora(model, r=4)
+    with torch.no_grad():
+        for p in lora_parameters(model)[1::2]:
+            p.normal_()  # non-zero B: every LoRA weight gets a gradient
+    examples = load_examples(chat, tokenizer, 256)[:4]
+    micro = [collate(examples[:2]), collate(examples[2:])]
+    before = lora_state(model).clone()
+    with torch.no_grad():
+        expected = model(**collate(examples)).loss  # HF: mean over the target tokens of the whole batch
+    optimizer = torch.optim.SGD(lora_parameters(model), lr=1.0)  # the update is minus the clipped gradient
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loss = training_step(CausalLMLoss(model, 64), micro, target_tokens(examples), optimizer, scheduler,
+                         lora_parameters(model), max_grad_norm=1e-3)
+    assert torch.linalg.vector_norm(lora_state(model) - before).item() == pytest.approx(1e-3, rel=1e-4)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_cosine_schedule_with_warmup():
