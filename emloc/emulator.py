@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 
 import torch
 import transformers
@@ -57,6 +57,7 @@ INDEX = "model.safetensors.index.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 Compression = float | dict[str, float]
+Sink = Callable[[int, Tensor], None]
 
 
 class BuildError(ValueError):
@@ -149,13 +150,14 @@ def _covariance_keys(group: list[LinearPlan]) -> list[tuple[str, int]]:
 
 
 def calibrate_block(block: nn.Module, plan: list[list[LinearPlan]], inputs: Iterable[BlockInput],
-                    covariances: dict[str, Tensor] | None = None, keep_outputs: bool = True):
+                    covariances: dict[str, Tensor] | None = None, sink: Sink | None = None) -> dict[str, Tensor]:
     """Run ``inputs`` through ``block`` and accumulate, without host syncs, one fp32 covariance per input
     group that has a linear taking the whitened route (key ``"in:<first linear>"``), and the output
     covariance (without bias) of every linear taking the output route (key ``"out:<linear>"``).
 
-    Padding tokens (``mask`` False) never enter a covariance. Returns ``(covariances, outputs)``; outputs
-    is a list of the block outputs (None when ``keep_outputs`` is False). Runs on meta tensors too.
+    Padding tokens (``mask`` False) never enter a covariance. ``sink(i, output)``, when given, receives the
+    block output of the i-th input as soon as it exists (so outputs need not pile up on the device).
+    Returns the covariances. Runs on meta tensors too.
     """
     device = next(block.parameters()).device
     if covariances is None:
@@ -181,24 +183,24 @@ def calibrate_block(block: nn.Module, plan: list[list[LinearPlan]], inputs: Iter
             module = block.get_submodule(name)
             hooks.append(module.register_forward_pre_hook(input_hook(key)) if kind == "in"
                          else module.register_forward_hook(output_hook(key)))
-    outputs = [] if keep_outputs else None
     try:
         with torch.no_grad():
-            for item in inputs:
+            for slot, item in enumerate(inputs):
                 current["mask"] = item.mask
                 out = block(item.hidden, **item.kwargs)
-                if keep_outputs:
-                    outputs.append(out)
+                if sink is not None:
+                    sink(slot, out)
     finally:
         for handle in hooks:
             handle.remove()
-    return covariances, outputs
+    return covariances
 
 
-def run_block(block: nn.Module, inputs: Iterable[BlockInput]) -> list[Tensor]:
-    """The block's outputs for ``inputs`` (no covariances)."""
+def run_block(block: nn.Module, inputs: Iterable[BlockInput], sink: Sink) -> None:
+    """Pass ``sink(i, output)`` the block's output for each of ``inputs`` (no covariances)."""
     with torch.no_grad():
-        return [block(item.hidden, **item.kwargs) for item in inputs]
+        for slot, item in enumerate(inputs):
+            sink(slot, block(item.hidden, **item.kwargs))
 
 
 def compress_block(block: nn.Module, plan: list[list[LinearPlan]], covariances: dict[str, Tensor],
@@ -406,8 +408,7 @@ def blockwise_logits(model_path, batches: list[CalibrationBatch], *, device=None
         kwargs = source.capture(batches, store)
         for index in range(len(source.stack)):
             block = source.load_block(index)
-            for slot, out in enumerate(run_block(block, _inputs(store, kwargs, batches, index, source.device))):
-                store.put(slot, out)
+            run_block(block, _inputs(store, kwargs, batches, index, source.device), store.put)
             release(block)
         return [models.logits_from_hidden(source.model, b.input_ids.to(source.device),
                                           b.attention_mask.to(source.device), store.get(slot, source.device))
@@ -587,33 +588,46 @@ def build_emulator(
             file = _shard_name(index + 2, total)
             inputs = lambda: _inputs(store, kwargs, batches, index, source.device)  # noqa: E731
             bar = tqdm(total=len(batches), desc=f"block {index + 1}/{blocks}", unit="batch", disable=not progress)
+            sink = _FiniteSink(store)
             if manifest.finished(name) is not None:
                 block = _finished_block(source, index, plan[index], output_dir / file, propagate)
-                outputs = run_block(block, _counted(inputs(), bar))
+                run_block(block, _counted(inputs(), bar), sink)
             else:
                 block = source.load_block(index)
-                covariances, outputs = calibrate_block(block, plan[index], _counted(inputs(), bar),
-                                                       keep_outputs=propagate == "original")
-                ok = None if outputs is None else torch.stack([torch.isfinite(o).all() for o in outputs]).all()
-                check_finite(covariances, ok, name)
+                # original propagation: each output replaces its input in the store as it comes
+                covariances = calibrate_block(block, plan[index], _counted(inputs(), bar),
+                                              sink=sink if propagate == "original" else None)
+                check_finite(covariances, sink.all_finite(), name)
                 reports = compress_block(block, plan[index], covariances, svd, seed=seed + index)
                 del covariances
                 if propagate == "emulator":
-                    outputs = run_block(block, inputs())
-                    check_finite({}, torch.stack([torch.isfinite(o).all() for o in outputs]).all(), name)
+                    run_block(block, inputs(), sink)
+                    check_finite({}, sink.all_finite(), name)
                 _save_tensors(output_dir / file, {f"{name}.{k}": t for k, t in block.state_dict().items()})
                 manifest.record(name, file, {"modules": {
                     f"{name}.{local}": {"rank": r["rank"], "form": r["form"], "error": float(r["error"])}
                     for local, r in reports.items()}})
             bar.close()
-            for slot, out in enumerate(outputs):
-                store.put(slot, out)
-            del outputs
             release(block)
         _finish(output_dir, source, manifest, tokenizer, total)
     finally:
         store.close()
     return output_dir
+
+
+class _FiniteSink:
+    """Stores each block output in the activation store and records, without a host sync, whether it
+    was finite."""
+
+    def __init__(self, store: ActivationStore) -> None:
+        self.store, self.flags = store, []
+
+    def __call__(self, slot: int, out: Tensor) -> None:
+        self.flags.append(torch.isfinite(out).all())
+        self.store.put(slot, out)
+
+    def all_finite(self) -> Tensor | None:
+        return torch.stack(self.flags).all() if self.flags else None
 
 
 def _counted(items, bar):

@@ -84,7 +84,7 @@ def test_loaded_emulator_matches_in_memory_emulator(tmp_path, arch, seed):
     shutil.rmtree(source)  # loading needs nothing from the source
     loaded = emloc.load_emulator(out)
     emulated = [n for n, m in loaded.named_modules() if isinstance(m, emloc.EmulatorLinear)]
-    assert len(emulated) == 2 * len(models.input_groups(models.block_stack(loaded)[1][0])) or emulated
+    assert emulated, "the loaded model must hold EmulatorLinear layers"
     assert {n for n, m in reference.named_modules() if isinstance(m, emloc.EmulatorLinear)} == set(emulated)
     for batch in batches:
         with torch.no_grad():
@@ -186,7 +186,8 @@ def test_down_projection_never_allocates_its_input_covariance():
                        "attention_mask": None},
                       torch.ones(2, tokens, dtype=torch.bool, device="meta"))
     with _Shapes() as recorder:
-        covariances, outputs = calibrate_block(block, plan[0], [item, item])
+        outputs = []
+        covariances = calibrate_block(block, plan[0], [item, item], sink=lambda slot, out: outputs.append(out))
         compress_block(block, plan[0], covariances)
     assert (352, 352) not in recorder.shapes and (64, 64) in recorder.shapes
     assert list(covariances) == ["out:mlp.down_proj"] and outputs[0].shape == (2, tokens, 64)
@@ -208,7 +209,7 @@ def test_padding_never_enters_a_covariance(tmp_path, seed):
         for batch in batches:
             hidden, kwargs = models.capture_block_inputs(full, batch.input_ids, batch.attention_mask)
             items.append(BlockInput(hidden, kwargs[0], batch.attention_mask))
-        return calibrate_block(full.model.layers[0], plan[0], items)[0]
+        return calibrate_block(full.model.layers[0], plan[0], items)
 
     expected = covariances(alone)
     for key, cov in covariances(padded).items():
