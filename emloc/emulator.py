@@ -36,7 +36,7 @@ from emloc_kernels import covariance_update, projected_lowrank, whitened_lowrank
 from . import models
 from .calibration import CalibrationBatch, CalibrationError, load_texts, make_batches, tokenize_samples
 from .layers import EmulatorLinear
-from .streaming import CheckpointIndex, atomic_write, materialize, release
+from .streaming import CheckpointIndex, atomic_write, key_mapping, materialize, release
 
 __all__ = [
     "BuildError",
@@ -345,6 +345,7 @@ class _Source:
         self.device = torch.device(device)
         self.dtype = dtype or _config_dtype(self.config)
         models.tie_embeddings(self.model)
+        self.key_of = key_mapping((name for name, _ in self.model.named_parameters()), self.index)
         self.parameters = sum(p.numel() for p in self.model.parameters())  # before any compression
 
     def outer_names(self) -> list[str]:
@@ -357,7 +358,7 @@ class _Source:
 
     def load_outer(self) -> None:
         for name, module in self.model.named_children():
-            materialize(module, name, self.index, self.device, self.dtype, skip=self._stack_within(name))
+            materialize(module, name, self.index, self.device, self.dtype, self.key_of, skip=self._stack_within(name))
             models.tie_embeddings(self.model)  # a tied LM head then holds the loaded embedding
 
     def release_outer(self) -> None:
@@ -366,7 +367,8 @@ class _Source:
         models.tie_embeddings(self.model)
 
     def load_block(self, index: int) -> nn.Module:
-        return materialize(self.stack[index], f"{self.prefix}.{index}", self.index, self.device, self.dtype)
+        return materialize(self.stack[index], f"{self.prefix}.{index}", self.index, self.device, self.dtype,
+                           self.key_of)
 
     def capture(self, batches: list[CalibrationBatch], store: ActivationStore) -> list[list[dict]]:
         """Fill ``store`` with block 0's input per batch; return per batch the kwargs of every block (host)."""

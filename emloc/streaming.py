@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-__all__ = ["CheckpointError", "CheckpointIndex", "atomic_write", "materialize", "release"]
+__all__ = ["CheckpointError", "CheckpointIndex", "atomic_write", "key_mapping", "materialize", "release"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -107,6 +107,32 @@ class CheckpointIndex:
                 size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
                 digest.update(file.encode() + struct.pack("<Q", path.stat().st_size) + handle.read(min(size, 1 << 26)))
         return digest.hexdigest()
+
+
+def key_mapping(names, index: CheckpointIndex):
+    """``key_of(name) -> checkpoint key`` for the model's tensor ``names``: the identity when the checkpoint
+    uses the model's own names, else the prefix rewrite that the first unknown name reveals (a checkpoint
+    saved from an outer model, ``language_model.model.layers...``, or from the bare decoder, ``layers...``).
+    Names the rewrite cannot place are returned unchanged, so :meth:`CheckpointIndex.load` names them."""
+    missing = next((name for name in names if name not in index), None)
+    if missing is None:
+        return lambda name: name
+    for key in index.weight_map:
+        if key.endswith("." + missing):
+            drop, add = "", key[:-len(missing)]
+            break
+        if missing.endswith("." + key):
+            drop, add = missing[:-len(key)], ""
+            break
+    else:
+        return lambda name: name
+
+    def key_of(name: str) -> str:
+        if name in index or not name.startswith(drop):
+            return name
+        return add + name[len(drop):]
+
+    return key_of
 
 
 def _split(name: str) -> tuple[str, str]:

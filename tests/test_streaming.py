@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from emloc import models
-from emloc.streaming import CheckpointError, CheckpointIndex, atomic_write, materialize, release
+from emloc.streaming import CheckpointError, CheckpointIndex, atomic_write, key_mapping, materialize, release
 
 from checkpoints import make_checkpoint
 
@@ -90,3 +90,21 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["data.json"]
     atomic_write(target, lambda temp: temp.write_text("new"))
     assert target.read_text() == "new"
+
+
+@pytest.mark.parametrize("rename", [lambda key: f"language_model.{key}", lambda key: key.removeprefix("model.")])
+def test_checkpoint_keys_with_another_prefix_map_to_module_names(tmp_path, rename):
+    from checkpoints import save_sharded
+
+    path = make_checkpoint(tmp_path / "plain", "llama", tokenizer=False)
+    state = _full_state(path)
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    save_sharded({rename(k): t for k, t in state.items()}, renamed, shards=2)
+    index = CheckpointIndex(renamed)
+    model = models.skeleton(models.load_config(path))
+    key_of = key_mapping([n for n, _ in model.named_parameters()], index)
+    assert key_of("model.layers.1.mlp.up_proj.weight") == rename("model.layers.1.mlp.up_proj.weight")
+    block = materialize(models.block_stack(model)[1][1], "model.layers.1", index, key_of=key_of)
+    for name, tensor in block.state_dict().items():
+        assert torch.equal(tensor, state[f"model.layers.1.{name}"]), name
