@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -66,15 +66,24 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
     output_dir.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = replace(train_config or TrainConfig(), output_dir=str(output_dir / "train"), progress=progress)
+    settings = {"model": str(model_path.resolve()), "data": str(Path(data).resolve()), "ratio": ratio,
+                "clamp": clamp, "merge": merge, "dtype": str(dtype), "max_samples": max_samples, "svd": svd,
+                "train": {k: v for k, v in asdict(config).items() if k != "progress"}}
     state_path = output_dir / STATE_FILE
-    done = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"settings": settings, "done": []}
+    changed = sorted(k for k in settings.keys() | state["settings"].keys()
+                     if settings.get(k) != state["settings"].get(k))
+    if changed:
+        raise ValueError(f"{output_dir} holds a run with other settings ({', '.join(changed)} differ); "
+                         "resume with the same arguments or choose another output directory")
+    done = set(state["done"])
 
     def finish(stage: str) -> None:
-        done[stage] = True
-        atomic_write_text(state_path, json.dumps(done, indent=2))
+        done.add(stage)
+        atomic_write_text(state_path, json.dumps({"settings": settings, "done": sorted(done)}, indent=2))
 
     emulator_dir = output_dir / "emulator"
-    if not done.get("build"):
+    if "build" not in done:
         build_emulator(model_path, data, emulator_dir, ratio, device=device, dtype=dtype, max_samples=max_samples,
                        svd=svd, progress=progress)
         finish("build")
@@ -84,20 +93,20 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
     examples, eval_examples = split_examples(load_examples(data, tokenizer, config.max_length),
                                              config.eval_fraction, config.seed)
     train_dir = Path(config.output_dir)
-    if not done.get("train"):
+    if "train" not in done:
         emulator = load_emulator(emulator_dir, device=device, dtype=dtype)
         train(emulator, examples, config, tokenizer=tokenizer, eval_data=eval_examples)
         del emulator
         finish("train")
 
     corrected_dir = output_dir / "corrected"
-    if not done.get("correct"):
+    if "correct" not in done:
         correct_lora(model_path, emulator_dir, train_dir / ADAPTER_DIR, clamp, device=device,
                      progress=progress).save(corrected_dir)
         finish("correct")
 
     export_dir = output_dir / "export"
-    if not done.get("export"):
+    if "export" not in done:
         export(corrected_dir, model_path, export_dir, merge=merge, progress=progress)
         finish("export")
 

@@ -42,7 +42,7 @@ def test_run_resumes_after_an_interruption_and_summarises(inputs, tmp_path, monk
     monkeypatch.setattr(pipeline, "correct_lora", broken)
     with pytest.raises(KeyboardInterrupt):
         cli.main(argv)
-    assert json.loads((out / "run_state.json").read_text()) == {"build": True, "train": True}
+    assert json.loads((out / "run_state.json").read_text())["done"] == ["build", "train"]
     # The rerun must not build or train again.
     monkeypatch.setattr(pipeline, "correct_lora", correct)
     monkeypatch.setattr(pipeline, "build_emulator", broken)
@@ -58,6 +58,10 @@ def test_run_resumes_after_an_interruption_and_summarises(inputs, tmp_path, monk
     print(printed)
     merged = transformers.AutoModelForCausalLM.from_pretrained(out / "export" / "merged")
     assert merged.config.num_hidden_layers == 2
+    other = list(argv)
+    other[other.index("--ratio") + 1], other[other.index("--steps") + 1] = "0.6", "7"
+    with pytest.raises(SystemExit, match=r"holds a run with other settings \(ratio, train differ\)"):
+        cli.main(other)
 
 
 def test_stage_commands_chain(inputs, tmp_path):
