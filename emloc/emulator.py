@@ -18,10 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
@@ -225,15 +226,15 @@ def compress_block(block: nn.Module, plan: list[list[LinearPlan]], covariances: 
                 error = ((total - kept).clamp_min(0) / total).sqrt()
             else:
                 cov = covariances[f"in:{group[0].name}"]
-                shared = shared or whitening(cov)
+                if shared is None:
+                    shared = whitening(cov)
                 u, v = whitened_lowrank(weight, shared, linear.rank, svd, generator=generator)
                 residual = weight - u @ v
                 error = ((residual @ cov * residual).sum() / (weight @ cov * weight).sum()).clamp_min(0).sqrt()
             dtype = module.weight.dtype
-            bias = None if module.bias is None else module.bias
             parent, _, leaf = linear.name.rpartition(".")
             block.get_submodule(parent).register_module(
-                leaf, EmulatorLinear.from_factors(u.to(dtype), v.to(dtype), bias))
+                leaf, EmulatorLinear.from_factors(u.to(dtype), v.to(dtype), module.bias))
             reports[linear.name] = {"rank": linear.rank, "form": linear.form, "error": error}
     return reports
 
@@ -310,8 +311,6 @@ class ActivationStore:
 def _host_budget() -> int:
     """Half of the host memory available now."""
     try:
-        import os
-
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     except (ValueError, OSError, AttributeError):
         return 8 << 30
@@ -507,10 +506,6 @@ def _calibration_batches(data, tokenizer, max_samples, max_length, batch_size, s
     return make_batches(samples, batch_size, pad)
 
 
-def _file_hash(path) -> str:
-    return _sha256(Path(path))
-
-
 def build_emulator(
     model_path,
     data,
@@ -566,7 +561,7 @@ def build_emulator(
     settings = {
         "source": {"path": str(model_path.resolve()), "hash": source.index.content_hash()},
         "compression": compression if isinstance(compression, dict) else {".*": float(compression)},
-        "calibration": {"data": str(Path(data).resolve()), "data_hash": _file_hash(data), "samples": sum(
+        "calibration": {"data": str(Path(data).resolve()), "data_hash": _sha256(Path(data)), "samples": sum(
             len(b.input_ids) for b in batches), "max_samples": max_samples, "max_length": max_length,
             "batch_size": batch_size, "seed": seed, "tokens": sum(b.tokens for b in batches)},
         "svd": svd,
