@@ -6,9 +6,14 @@ import os
 
 import pytest
 import torch
+import torch.utils._device
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# `with torch.device("meta")` recognises factory functions from a table torch builds once; build it now, from
+# the real torch.empty*, or a table built while poison_empty's wrappers are in place sends them to the CPU.
+torch.utils._device._device_constructors()
 
 
 def _poisoned(factory):

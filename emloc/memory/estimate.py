@@ -57,6 +57,12 @@ class StageMemory:
         return max(self.device, key=self.device.get)
 
 
+def _only_larger(device: dict[str, int], first: str, second: str) -> None:
+    """Two phases that never overlap: keep the larger term, zero the smaller."""
+    smaller = first if device[first] < device[second] else second
+    device[smaller] = 0
+
+
 def rank(ratio: float, linear: Linear) -> int | None:
     """Rank kept for ``linear`` at ``ratio`` (DESIGN 1.3), None when the layer stays dense."""
     m, n = linear.out_features, linear.in_features
@@ -170,9 +176,7 @@ def construction(spec: ModelSpec, s: Settings, language_only: bool = False) -> S
             "activations": _calibration_activation_bytes(stack, s.calibration_micro_batch * tokens, B),
             "decomposition": max((decomposition_bytes(l, r, s.method) for l, r in ranked), default=0),
         }
-        # calibration and factorisation do not overlap: only the larger of the two counts
-        overlap = min(device["activations"], device["decomposition"])
-        device["activations" if device["activations"] < device["decomposition"] else "decomposition"] -= overlap
+        _only_larger(device, "activations", "decomposition")  # calibration, then factorisation
         host = {"activations": 2 * s.samples * tokens * stack.hidden * B, "weights": stack.block_params * B}
         stage = StageMemory("construction", device, host)
         if stage.device_peak > best.device_peak:
@@ -200,7 +204,7 @@ def block_activation_bytes(stack: BlockStack, tokens: int, B: int, lora_r: int) 
 
 def training(spec: ModelSpec, s: Settings) -> StageMemory:
     """The whole emulator on the device (embeddings optionally on the host), LoRA with fp32 AdamW state,
-    one checkpointed hidden state per block plus one block recomputed, and one LM-head chunk at a time."""
+    one checkpointed hidden state per block, and either one LM-head chunk or one block recomputed."""
     B = spec.dtype_bytes
     lm = spec.language
     tokens = s.batch * s.seq_len
@@ -209,9 +213,12 @@ def training(spec: ModelSpec, s: Settings) -> StageMemory:
     device = {
         "weights": (emulator_params(spec, s) - on_host) * B,
         "lora_optimizer": lora_params(spec, s.lora_r) * LORA_BYTES_PER_PARAM,
-        "activations": checkpoints + block_activation_bytes(lm, tokens, B, s.lora_r),
-        "logits_loss": 3 * FP32 * min(s.lm_head_chunk, tokens) * spec.vocab + tokens * lm.hidden * B,
+        "activations": block_activation_bytes(lm, tokens, B, s.lora_r),
+        "logits_loss": 3 * FP32 * min(s.lm_head_chunk, tokens) * spec.vocab,
     }
+    _only_larger(device, "activations", "logits_loss")  # the LM-head chunks run before the blocks' backward
+    # alive throughout: each block's checkpointed input, and the hidden-state gradient of the chunked loss
+    device["activations"] += checkpoints + tokens * lm.hidden * B
     host = {"weights": on_host * B}
     return StageMemory("training", device, host)
 
