@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
-IGNORE = -100
+from .calibration import _ROLES  # ShareGPT speaker names -> chat roles, shared with calibration
 
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-          "model": "assistant", "bot": "assistant"}
+IGNORE = -100
 
 
 class DataError(ValueError):

@@ -77,6 +77,23 @@ def test_chat_labels_cover_exactly_the_answers(tiny):
         assert all(label in (IGNORE, t) for t, label in zip(example["input_ids"], example["labels"]))
 
 
+def test_multi_turn_sharegpt_labels_cover_every_answer(tiny, tmp_path):
+    _, _, tokenizer = tiny
+    turns = [("human", "the data is big."), ("gpt", "a small model."), ("human", "and the rank?"),
+             ("gpt", "rank of the matrix.")]
+    path = tmp_path / "sharegpt.jsonl"
+    path.write_text(json.dumps({"conversations": [{"from": f, "value": v} for f, v in turns]}) + "\n")
+    (example,) = load_examples(path, tokenizer, 256)
+    spans, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label != IGNORE:
+            current.append(token)
+        elif current:
+            spans.append(tokenizer.decode(current))
+            current = []
+    assert spans + ([tokenizer.decode(current)] if current else []) == ["a small model.</s>", "rank of the matrix.</s>"]
+
+
 def test_training_moves_only_lora_and_lowers_the_loss(tiny, tmp_path):
     model_dir, chat, tokenizer = tiny
     model = emulator(model_dir)
