@@ -330,3 +330,22 @@ def test_cli_build_prints_a_summary(tmp_path, capsys):
     for name, info in report["modules"].items():
         assert f"{name:<48} {info['rank']:>6}" in printed
     assert json.loads((tmp_path / "emu" / "config.json").read_text())["emloc"]["calibration"]["samples"] == 4
+
+
+def test_activations_spilled_to_disk_give_the_same_emulator(tmp_path, monkeypatch):
+    source = make_checkpoint(tmp_path / "src", "gemma2")
+    data = make_text_data(tmp_path / "d.jsonl", SAMPLES)
+    in_memory = emloc.build_emulator(source, data, tmp_path / "memory", 0.4, **FAST)
+    spilled = []
+    real_put = emloc.emulator.ActivationStore.put
+
+    def put(store, slot, tensor):
+        real_put(store, slot, tensor)
+        spilled.append(not isinstance(store.slots[slot], torch.Tensor))
+
+    monkeypatch.setattr(emloc.emulator.ActivationStore, "put", put)
+    on_disk = emloc.build_emulator(source, data, tmp_path / "disk", 0.4, host_budget=1, **FAST)
+    assert spilled and all(spilled), "with a 1-byte budget every activation must go to disk"
+    assert not (on_disk / ".emloc-activations").exists(), "spilled activations are removed after the build"
+    for shard in sorted(in_memory.glob("*.safetensors")):
+        assert shard.read_bytes() == (on_disk / shard.name).read_bytes(), shard.name
