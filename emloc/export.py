@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,8 +42,7 @@ def export_adapter(adapter: LoraAdapter | str | os.PathLike, original_path: str 
     Raises ValueError naming the module if an adapter layer is missing from the model or does not fit its shape.
     """
     original = CheckpointIndex(original_path)
-    adapter = _checked(adapter, original)
-    adapter.base_model = str(Path(original_path).resolve())
+    adapter = replace(_checked(adapter, original), base_model=str(Path(original_path).resolve()))
     return adapter.save(output_dir)
 
 

@@ -191,6 +191,21 @@ def test_step_clips_the_accumulated_gradient(tiny):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "phi3", "qwen3"])
+def test_loss_module_matches_hf_loss_across_architectures(tmp_path, arch):
+    """Soft-capped (Gemma 2), fused-projection (Phi-3) and plain heads: the chunked loss is the model's own."""
+    model_dir = make_checkpoint(tmp_path / arch, arch)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    examples = load_examples(make_chat_data(tmp_path / "chat.jsonl", n=3), tokenizer, 256)
+    model = emulator(model_dir)
+    batch = collate(examples)
+    with torch.no_grad():
+        expected = model(**batch).loss
+        loss, _ = CausalLMLoss(model, chunk=23)(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                                 target_tokens(examples))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_cosine_schedule_with_warmup():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=2.0)
     scheduler = cosine_schedule(optimizer, total_steps=100, warmup_ratio=0.03)
