@@ -192,6 +192,16 @@ def test_planned_settings_follow_the_budget():
     assert 3 * 4 * chunk * 152064 <= 12 * GiB // 64
 
 
+def test_plan_settings_are_the_pipelines_arguments():
+    import inspect
+
+    p = plan("Qwen2.5-32B", "20GiB")
+    assert set(p.build_kwargs()) <= set(inspect.signature(emulator.build_emulator).parameters)
+    assert p.build_kwargs()["compression"] == p.ratio
+    config = training.TrainConfig(**p.train_kwargs())
+    assert config.lm_head_chunk == p.settings.lm_head_chunk and config.gradient_checkpointing
+
+
 @pytest.mark.parametrize("bad, match", [("24XB", "cannot read"), ("-3GiB", "cannot read"), ("0GB", "positive")])
 def test_bad_budget_is_named(bad, match):
     with pytest.raises(ValueError, match=match):

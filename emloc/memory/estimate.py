@@ -43,10 +43,11 @@ class StageMemory:
     name: str
     device: dict[str, int] = field(default_factory=dict)
     host: dict[str, int] = field(default_factory=dict)
+    not_concurrent: int = 0  # deducted: the smaller of two phases that never coexist on the device
 
     @property
     def device_peak(self) -> int:
-        return sum(self.device.values())
+        return sum(self.device.values()) - self.not_concurrent
 
     @property
     def host_peak(self) -> int:
@@ -57,10 +58,9 @@ class StageMemory:
         return max(self.device, key=self.device.get)
 
 
-def _only_larger(device: dict[str, int], first: str, second: str) -> None:
-    """Two phases that never overlap: keep the larger term, zero the smaller."""
-    smaller = first if device[first] < device[second] else second
-    device[smaller] = 0
+def _not_concurrent(first: int, second: int) -> int:
+    """Bytes to deduct for two phases of a stage that never coexist: the smaller of the two."""
+    return min(first, second)
 
 
 def rank(ratio: float, linear: Linear) -> int | None:
@@ -176,11 +176,12 @@ def construction(spec: ModelSpec, s: Settings, language_only: bool = False) -> S
             "activations": _calibration_activation_bytes(stack, s.calibration_micro_batch * tokens, B),
             "decomposition": max((decomposition_bytes(l, r, s.method) for l, r in ranked), default=0),
         }
-        _only_larger(device, "activations", "decomposition")  # calibration, then factorisation
         host = {"activations": 2 * s.samples * tokens * stack.hidden * B, "weights": stack.block_params * B}
-        stage = StageMemory("construction", device, host)
+        # calibration, then factorisation: never at the same time
+        stage = StageMemory("construction", device, host, _not_concurrent(device["activations"],
+                                                                           device["decomposition"]))
         if stage.device_peak > best.device_peak:
-            best.device = device
+            best.device, best.not_concurrent = device, stage.not_concurrent
         if stage.host_peak > best.host_peak:
             best.host = host
     return best
@@ -210,17 +211,18 @@ def training(spec: ModelSpec, s: Settings) -> StageMemory:
     tokens = s.batch * s.seq_len
     on_host = 0 if s.embeddings_on_device or spec.tied_embeddings else spec.embedding_params
     checkpoints = lm.blocks * tokens * lm.hidden * B
+    block = block_activation_bytes(lm, tokens, B, s.lora_r)
+    logits = 3 * FP32 * min(s.lm_head_chunk, tokens) * spec.vocab
     device = {
         "weights": (emulator_params(spec, s) - on_host) * B,
         "lora_optimizer": lora_params(spec, s.lora_r) * LORA_BYTES_PER_PARAM,
-        "activations": block_activation_bytes(lm, tokens, B, s.lora_r),
-        "logits_loss": 3 * FP32 * min(s.lm_head_chunk, tokens) * spec.vocab,
+        # alive throughout: each block's checkpointed input, and the hidden-state gradient of the chunked loss
+        "activations": checkpoints + tokens * lm.hidden * B + block,
+        "logits_loss": logits,
     }
-    _only_larger(device, "activations", "logits_loss")  # the LM-head chunks run before the blocks' backward
-    # alive throughout: each block's checkpointed input, and the hidden-state gradient of the chunked loss
-    device["activations"] += checkpoints + tokens * lm.hidden * B
     host = {"weights": on_host * B}
-    return StageMemory("training", device, host)
+    # the LM-head chunks run before the blocks' backward recomputes any block
+    return StageMemory("training", device, host, _not_concurrent(block, logits))
 
 
 # --- correction and export --------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ class Plan:
     """A memory plan: per-stage peaks by term, the chosen ratio and the settings the pipeline should follow.
 
     ``settings`` is what construction and training read: ``calibration_micro_batch``, ``lm_head_chunk``,
-    ``embeddings_on_device``, ``compress_vision``, ``method`` and the rest of :class:`Settings`.
+    ``embeddings_on_device``, ``compress_vision``, ``method`` and the rest of :class:`Settings`;
+    :meth:`build_kwargs` and :meth:`train_kwargs` give them in the pipeline's own argument names.
     """
 
     model: str
@@ -80,6 +81,18 @@ class Plan:
         """The largest device peak over the stages: the smallest budget at which this plan fits."""
         return max(stage.device_peak for stage in self.stages)
 
+    def build_kwargs(self) -> dict:
+        """Keyword arguments of :func:`emloc.build_emulator` that make a build follow this plan."""
+        s = self.settings
+        return {"compression": s.ratio, "max_samples": s.samples, "max_length": s.seq_len,
+                "batch_size": s.calibration_micro_batch, "svd": s.method}
+
+    def train_kwargs(self) -> dict:
+        """Fields of :class:`emloc.training.TrainConfig` that make training follow this plan."""
+        s = self.settings
+        return {"micro_batch_size": s.batch, "max_length": s.seq_len, "lora_r": s.lora_r,
+                "lm_head_chunk": s.lm_head_chunk, "gradient_checkpointing": True}
+
     def stage(self, name: str) -> StageMemory:
         return next(stage for stage in self.stages if stage.name == name)
 
@@ -89,9 +102,11 @@ class Plan:
             "model": self.model, "budget_bytes": self.budget, "fits": self.fits, "reason": self.reason,
             "ratio": self.ratio, "min_budget_bytes": self.peak, "original_params": self.original_params,
             "emulator_params": self.emulator_params, "lora_params": self.lora_params,
-            "settings": asdict(self.settings), "ranks": self.ranks,
+            "settings": asdict(self.settings), "build_kwargs": self.build_kwargs(),
+            "train_kwargs": self.train_kwargs(), "ranks": self.ranks,
             "stages": {s.name: {"device_peak_bytes": s.device_peak, "host_peak_bytes": s.host_peak,
-                                "device": s.device, "host": s.host} for s in self.stages},
+                                "device": s.device, "not_concurrent_bytes": s.not_concurrent, "host": s.host}
+                       for s in self.stages},
         }
 
     def table(self) -> str:
@@ -104,6 +119,7 @@ class Plan:
         lines = [head, "", "device GiB".ljust(width) + "".join(name.rjust(14) for name in STAGES)]
         for term in TERMS:
             lines.append(term.ljust(width) + "".join(f"{_gib(st.device.get(term, 0)):14.2f}" for st in self.stages))
+        lines.append("not concurrent".ljust(width) + "".join(f"{-_gib(st.not_concurrent):14.2f}" for st in self.stages))
         lines.append("peak".ljust(width) + "".join(f"{_gib(st.device_peak):14.2f}" for st in self.stages))
         lines.append("host peak".ljust(width) + "".join(f"{_gib(st.host_peak):14.2f}" for st in self.stages))
         lines.append("")
