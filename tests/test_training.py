@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from checkpoints import make_chat_data, make_checkpoint, make_text_data
 from emloc import EmulatorLinear
@@ -66,6 +67,31 @@ def test_chunked_lm_head_loss_matches_full_logits(seed, softcap, dtype):
     assert_close(hidden.grad, h64.grad, rtol=tol, what="hidden gradient")
     if dtype == torch.float32:
         assert torch.equal(correct, logits.argmax(-1) == labels)
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest tensor any op produces (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_chunked_head_never_materialises_full_logits():
+    n, h, vocab, chunk = 96, 8, 1000, 16
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight, labels = torch.randn(vocab, h), torch.randint(0, vocab, (n,))
+    with _LargestOutput() as spy:
+        loss, _ = lm_head_cross_entropy(hidden, weight, labels, float(n), chunk=chunk)
+        loss.backward()
+    assert spy.largest == chunk * vocab  # one (chunk, vocab) block at a time, never (n, vocab)
 
 
 def test_chat_labels_cover_exactly_the_answers(tiny):
