@@ -36,7 +36,11 @@ CHECKPOINT_PREFIX = "checkpoint-"
 class TrainConfig:
     """Training settings; the defaults follow the reference recipe of DESIGN 1.5.
 
-    The global batch per optimizer step is ``micro_batch_size * grad_accum * world_size`` examples.
+    The global batch per optimizer step is ``micro_batch_size * grad_accum * world_size`` examples. Less obvious
+    fields: ``lora_target`` (regex or names, see :func:`emloc.add_lora`; None: every linear but the LM head),
+    ``lm_head_chunk`` (tokens per LM-head block: bounds the logits memory), ``eval_fraction`` (held-out share
+    of the data), ``eval_steps`` (evaluate every N steps, 0: only at the end), ``save_steps`` (checkpoint every
+    N steps), ``max_grad_norm`` (None: no clipping).
     """
 
     output_dir: str | None = None
