@@ -95,6 +95,13 @@ def _check_ratio(ratio, what: str) -> float:
     return float(ratio)
 
 
+def _compile(pattern) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as exc:
+        raise BuildError(f"compression: pattern {pattern!r} is not a valid regular expression ({exc})") from exc
+
+
 def plan_compression(model: nn.Module, compression: Compression) -> list[list[list[LinearPlan]]]:
     """Per block, the input groups of its compressed linears (names local to the block).
 
@@ -106,7 +113,7 @@ def plan_compression(model: nn.Module, compression: Compression) -> list[list[li
     if isinstance(compression, dict):
         if not compression:
             raise BuildError("compression: the pattern dict is empty")
-        rules = [(re.compile(pattern), _check_ratio(ratio, f"compression pattern {pattern!r}"))
+        rules = [(_compile(pattern), _check_ratio(ratio, f"compression pattern {pattern!r}"))
                  for pattern, ratio in compression.items()]
     else:
         rules = [(re.compile(".*"), _check_ratio(compression, "compression"))]
@@ -118,7 +125,9 @@ def plan_compression(model: nn.Module, compression: Compression) -> list[list[li
             members = []
             for local in group:
                 full = f"{prefix}.{index}.{local}"
-                ratio = next((r for pattern, r in rules if pattern.fullmatch(full) and not used.add(pattern.pattern)), None)
+                pattern, ratio = next(((p, r) for p, r in rules if p.fullmatch(full)), (None, None))
+                if pattern is not None:
+                    used.add(pattern.pattern)
                 linear = block.get_submodule(local)
                 rank = None if ratio is None else _rank(ratio, linear.out_features, linear.in_features)
                 if rank is not None:

@@ -271,6 +271,7 @@ def test_other_settings_are_refused_unless_overwrite(tmp_path):
     (1.5, r"must be in \(0, 1\], got 1.5"),
     ({r".*q_proj": -0.1}, r"pattern '\.\*q_proj'.*got -0.1"),
     ({r".*q_proj": 0.5, r".*qkv_proj": 0.5}, r"pattern '\.\*qkv_proj' matches no linear"),
+    ({r"(.*q_proj": 0.5}, r"pattern '\(\.\*q_proj' is not a valid regular expression"),
 ])
 def test_bad_compression_is_named(tmp_path, compression, match):
     source = make_checkpoint(tmp_path / "src", "llama")
