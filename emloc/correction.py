@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .lora import LoraAdapter
-from .streaming import CheckpointIndex
+from .streaming import CheckpointIndex, key_mapping
 
 
 def orthonormalize_lora(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,10 +83,10 @@ def correct_lora(original_path: str | os.PathLike, emulator_path: str | os.PathL
     original, emulator = CheckpointIndex(original_path), CheckpointIndex(emulator_path)
     if check_source:
         check_emulator_source(emulator_path, original)
-    check_adapter_names(adapter, original)
+    key_of = weight_keys(adapter, original)
     corrected = {}
     for name, (a, b) in tqdm(adapter.weights.items(), desc="correcting LoRA", unit="layer", disable=not progress):
-        weight = original.load([f"{name}.weight"], device)[f"{name}.weight"]
+        weight = original.load([key_of[name]], device)[key_of[name]]
         check_adapter_shapes(name, a, b, weight.shape, original_path)
         if f"{name}.u" in emulator:
             factors = emulator.load([f"{name}.u", f"{name}.v"], device)
@@ -114,12 +114,18 @@ def check_emulator_source(emulator_path: str | os.PathLike, original: Checkpoint
                          f"{actual[:12]}... for the model given)")
 
 
-def check_adapter_names(adapter: LoraAdapter, model: CheckpointIndex) -> None:
-    """Raise ValueError naming the first adapter module that has no weight in the model's checkpoint."""
-    for name in adapter.weights:
-        if f"{name}.weight" not in model:
+def weight_keys(adapter: LoraAdapter, model: CheckpointIndex) -> dict[str, str]:
+    """The checkpoint key of each adapter module's weight (checkpoints may prefix module names differently).
+
+    Raises ValueError naming the first adapter module that has no weight in the model's checkpoint.
+    """
+    key_of = key_mapping([f"{name}.weight" for name in adapter.weights], model)
+    keys = {name: key_of(f"{name}.weight") for name in adapter.weights}
+    for name, key in keys.items():
+        if key not in model:
             raise ValueError(f"LoRA adapter module {name!r} is not a layer of the model at {model.directory} "
-                             f"(no tensor {name + '.weight'!r} in its checkpoint)")
+                             f"(no tensor {key!r} in its checkpoint)")
+    return keys
 
 
 def check_adapter_shapes(name: str, a: Tensor, b: Tensor, shape, where) -> None:

@@ -17,22 +17,22 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .correction import check_adapter_names, check_adapter_shapes
+from .correction import check_adapter_shapes, weight_keys
 from .lora import LoraAdapter
 from .streaming import CheckpointIndex, atomic_write
 
 
-def _checked(adapter: LoraAdapter | str | os.PathLike, original: CheckpointIndex) -> LoraAdapter:
-    """The adapter, after checking each module against the original's weight names and shapes (headers only)."""
+def _checked(adapter: LoraAdapter | str | os.PathLike, original: CheckpointIndex) -> tuple[LoraAdapter, dict]:
+    """The adapter and its modules' weight keys, after checking each module against the original's weight
+    names and shapes (read from the shard headers only)."""
     if not isinstance(adapter, LoraAdapter):
         adapter = LoraAdapter.load(adapter)
-    check_adapter_names(adapter, original)
+    keys = weight_keys(adapter, original)
     for name, (a, b) in adapter.weights.items():
-        key = f"{name}.weight"
-        with safe_open(str(original.directory / original.weight_map[key]), "pt") as shard:
-            shape = shard.get_slice(key).get_shape()
+        with safe_open(str(original.directory / original.weight_map[keys[name]]), "pt") as shard:
+            shape = shard.get_slice(keys[name]).get_shape()
         check_adapter_shapes(name, a, b, shape, original.directory)
-    return adapter
+    return adapter, keys
 
 
 def export_adapter(adapter: LoraAdapter | str | os.PathLike, original_path: str | os.PathLike,
@@ -42,7 +42,7 @@ def export_adapter(adapter: LoraAdapter | str | os.PathLike, original_path: str 
     Raises ValueError naming the module if an adapter layer is missing from the model or does not fit its shape.
     """
     original = CheckpointIndex(original_path)
-    adapter = replace(_checked(adapter, original), base_model=str(Path(original_path).resolve()))
+    adapter = replace(_checked(adapter, original)[0], base_model=str(Path(original_path).resolve()))
     return adapter.save(output_dir)
 
 
@@ -62,16 +62,16 @@ def merge_adapter(adapter: LoraAdapter | str | os.PathLike, original_path: str |
     """
     original_path, output_dir = Path(original_path), Path(output_dir)
     original = CheckpointIndex(original_path)
-    adapter = _checked(adapter, original)
+    adapter, keys = _checked(adapter, original)
+    module_of = {key: name for name, key in keys.items()}
     if output_dir.resolve() == original_path.resolve():
         raise ValueError(f"merge: the output directory {output_dir} is the original model's; choose another")
     output_dir.mkdir(parents=True, exist_ok=True)
     for file in tqdm(original.files, desc="merging LoRA", unit="shard", disable=not progress):
         tensors = load_file(str(original_path / file))
         for key, weight in tensors.items():
-            name = key.removesuffix(".weight")
-            if key.endswith(".weight") and name in adapter.weights:
-                tensors[key] = merge_lora(weight, *adapter.weights[name], adapter.scaling)
+            if key in module_of:
+                tensors[key] = merge_lora(weight, *adapter.weights[module_of[key]], adapter.scaling)
         atomic_write(output_dir / file, lambda tmp, t=tensors: save_file(t, str(tmp), metadata={"format": "pt"}))
         del tensors
     for path in original_path.iterdir():

@@ -11,7 +11,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from checkpoints import make_chat_data, make_checkpoint
+from checkpoints import make_chat_data, make_checkpoint, save_sharded
 from emloc.correction import correct_layer, correct_lora
 from emloc.emulator import build_emulator, load_emulator
 from emloc.export import export, export_adapter, merge_adapter
@@ -126,3 +126,27 @@ def test_bad_adapter_and_foreign_emulator_are_named(built, tmp_path):
     other = make_checkpoint(tmp_path / "other", "qwen2", seed=1, vocab_size=300)
     with pytest.raises(ValueError, match="built from a different model"):
         correct_lora(other, emulator_dir, adapter, progress=False)
+
+
+def test_checkpoint_keys_with_another_prefix(built, tmp_path):
+    """A checkpoint saved from an outer model (``language_model.model.layers...``) is read and merged by module."""
+    root, original, emulator_dir, _, adapter = built
+    state = {}
+    for shard in sorted(original.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    save_sharded({f"language_model.{key}": t for key, t in state.items()}, renamed, shards=2)
+    expected = correct_lora(original, emulator_dir, adapter, progress=False)
+    corrected = correct_lora(renamed, emulator_dir, adapter, check_source=False, progress=False)
+    for name, (a, b) in expected.weights.items():
+        assert torch.equal(corrected.weights[name][0], a) and torch.equal(corrected.weights[name][1], b)
+    merge_adapter(corrected, renamed, tmp_path / "merged", progress=False)
+    merge_adapter(expected, original, tmp_path / "reference", progress=False)
+    merged, reference = {}, {}
+    for shard in (tmp_path / "merged").glob("*.safetensors"):
+        merged.update(load_file(str(shard)))
+    for shard in (tmp_path / "reference").glob("*.safetensors"):
+        reference.update(load_file(str(shard)))
+    assert merged.keys() == {f"language_model.{key}" for key in reference}
+    assert all(torch.equal(merged[f"language_model.{key}"], t) for key, t in reference.items())
