@@ -397,9 +397,8 @@ def _config_dtype(config) -> torch.dtype:
 
 
 def _inputs(store: ActivationStore, kwargs_per_batch, batches, block: int, device) -> Iterable[BlockInput]:
-    memo: dict = {}
     for slot, batch in enumerate(batches):
-        yield BlockInput(store.get(slot, device), _to(kwargs_per_batch[slot][block], device, memo),
+        yield BlockInput(store.get(slot, device), _to(kwargs_per_batch[slot][block], device, {}),
                          batch.attention_mask.to(device))
 
 
@@ -580,6 +579,9 @@ def build_emulator(
     manifest = _Manifest(output_dir, settings, resume, overwrite)
     blocks = len(source.stack)
     total = blocks + 1
+    units = ["outer", *(f"{source.prefix}.{i}" for i in range(blocks))]
+    if (output_dir / REPORT).is_file() and all(manifest.finished(unit) for unit in units):
+        return output_dir  # already complete with these settings
     store = ActivationStore(output_dir / ".emloc-activations", host_budget or _host_budget())
     try:
         source.load_outer()

@@ -242,6 +242,9 @@ def test_interrupted_build_resumes_with_identical_bytes(tmp_path, monkeypatch, p
     monkeypatch.setattr(emloc.emulator, "compress_block", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     resumed = emloc.build_emulator(source, data, tmp_path / "resumed", 0.4, **kwargs)
     assert len(calls) == 1, "only the unfinished block is compressed again"
+    calls.clear()
+    assert emloc.build_emulator(source, data, tmp_path / "resumed", 0.4, **kwargs) == resumed
+    assert not calls, "a complete build with the same settings is left as it is"
     files = sorted(p.name for p in straight.iterdir())
     assert files == sorted(p.name for p in resumed.iterdir())
     for name in files:
