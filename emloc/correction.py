@@ -49,6 +49,8 @@ def correct_layer(a: Tensor, b: Tensor, scaling: float, weight: Tensor,
         clamp: the cap ``lambda`` on each direction's correction relative to ``mean|B~_j|``; None turns it off.
         dtype: computation dtype (float64 by default: the correction is a difference of close quantities).
     """
+    if a.shape[0] > a.shape[1]:
+        raise ValueError(f"LoRA correction: rank {a.shape[0]} exceeds the layer's {a.shape[1]} input features")
     a, b, weight = a.to(dtype), b.to(dtype), weight.to(dtype)
     a_t, b_t = orthonormalize_lora(a, b)
     p = a_t.T
