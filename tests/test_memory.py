@@ -120,6 +120,36 @@ def test_tracker_matches_cpu_allocator_on_a_real_training_step(monkeypatch, seed
     assert abs(tracker.peak - allocator) / allocator < 0.10, (tracker.peak, allocator)
 
 
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_tracker_matches_cpu_allocator_on_a_real_block_construction(monkeypatch, seed, method):
+    monkeypatch.setenv("EMLOC_BACKEND", "torch")
+    config = {**tiny_config("qwen2", seed), "hidden_size": 96, "head_dim": 24, "intermediate_size": 263}
+    cfg = dry_run._language_config(config, layers=1)
+    cfg._attn_implementation = "sdpa"
+    model = transformers.AutoModelForCausalLM.from_config(cfg).requires_grad_(False)
+    plan_ = emulator.plan_compression(model, 0.3)[0]
+    hidden = torch.randn(2, 157, 96)
+    item = emulator.BlockInput(hidden, {"position_embeddings": model.model.rotary_emb(hidden, torch.arange(157)[None])},
+                               torch.rand(2, 157) > 0.2)
+    block = model.model.layers[0]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with LiveBytesTracker("cpu") as tracker:
+            covariances = emulator.calibrate_block(block, plan_, [item], sink=lambda index, output: None)
+            emulator.compress_block(block, plan_, covariances, svd=method)
+    allocator = _allocator_peak(prof)
+    assert abs(tracker.peak - allocator) / allocator < 0.10, (tracker.peak, allocator)
+
+
+def test_tracker_ignores_views_of_storage_it_did_not_allocate():
+    outside = torch.empty(1000, 1000, device="meta")
+    with LiveBytesTracker("meta") as tracker:
+        view = outside.t()[::2]
+        outside.add_(1.0)
+        assert tracker.live == 0
+        fresh = view * 2
+        assert tracker.live == fresh.numel() * 4
+
+
 def test_tracker_counts_saved_tensors_until_backward_frees_them():
     with LiveBytesTracker("meta") as tracker:
         x = torch.empty(1000, 1000, device="meta", requires_grad=True)

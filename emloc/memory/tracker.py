@@ -1,7 +1,7 @@
 """Peak live bytes on one device, counted from tensor storages as the code that runs allocates them.
 
 :class:`LiveBytesTracker` is a ``TorchDispatchMode``: every op's outputs on the tracked device are counted
-once per storage, and uncounted when the storage dies (a finalizer on the storage object, which torch keeps
+once per storage (outputs that alias an input, views and in-place results, allocate nothing), and uncounted when the storage dies (a finalizer on the storage object, which torch keeps
 alive as long as any tensor, view or autograd saved variable holds the storage). Tensors made before the
 tracker starts (parameters, inputs) are counted with :meth:`LiveBytesTracker.adopt`. It works the same on
 meta tensors (a full-size dry run that allocates nothing) and on real ones.
@@ -113,8 +113,11 @@ class LiveBytesTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # views and in-place results share an input's storage: that memory was not allocated by this op
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if self._on_device(t)}
         for tensor in tree_flatten(out)[0]:
-            self.count(tensor)
+            if self._on_device(tensor) and tensor.untyped_storage()._cdata not in inputs:
+                self.count(tensor)
         workspace = linalg_workspace_bytes(func, args)
         if workspace and any(self._on_device(a) for a in tree_flatten(args)[0]):
             self._raise_peak(self.live + workspace)
