@@ -18,7 +18,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", type=Path, default=Path("emloc-demo"), help="output directory (default emloc-demo)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per row (default 3)")
     parser.add_argument("--steps", type=int, default=None, help="LoRA steps per fine-tuning run (default 300)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: the layers are too small to gain from more)")
     parser.set_defaults(func=run)
 
 
