@@ -40,47 +40,61 @@ def _accumulate(cov, x, mask) -> None:
     covariance_update(cov, x, mask)
 
 
-def _in_memory_emulator(path, batches, compression):
-    """The emulator made from the full model in memory: one full forward per batch with hooks accumulating
-    the covariances every compressed linear needs, then the same factorisation per block."""
+def _hook_block(block, groups, mask):
+    """Hooks accumulating the covariances each compressed linear of ``block`` needs; returns them and the hooks."""
+    covs, hooks = {}, []
+    for group in groups:
+        for linear in group:
+            module = block.get_submodule(linear.name)
+            if linear.out_features < linear.in_features:
+                key = f"out:{linear.name}"
+                covs[key] = torch.zeros(linear.out_features, linear.out_features)
+                hooks.append(module.register_forward_hook(
+                    lambda mod, args, out, c=covs[key]: _accumulate(c, out if mod.bias is None else out - mod.bias, mask["m"])))
+            elif f"in:{group[0].name}" not in covs:
+                key = f"in:{group[0].name}"
+                covs[key] = torch.zeros(linear.in_features, linear.in_features)
+                hooks.append(block.get_submodule(group[0].name).register_forward_pre_hook(
+                    lambda mod, args, c=covs[key]: _accumulate(c, args[0], mask["m"])))
+    return covs, hooks
+
+
+def _in_memory_emulator(path, batches, compression, propagate="original"):
+    """The emulator made from the full model in memory with full forwards and hooks, then the same
+    factorisation per block: one pass for all blocks (original propagation), or one pass per block through
+    the model whose earlier blocks are already compressed (emulator propagation)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     plan = plan_compression(model, compression)
-    prefix, stack = models.block_stack(model)
-    mask, hooks, covariances = {}, [], []
-    for block, groups in zip(stack, plan):
-        covs = {}
-        for group in groups:
-            for linear in group:
-                module = block.get_submodule(linear.name)
-                if linear.out_features < linear.in_features:
-                    key = f"out:{linear.name}"
-                    covs[key] = torch.zeros(linear.out_features, linear.out_features)
-                    hooks.append(module.register_forward_hook(
-                        lambda mod, args, out, c=covs[key]: _accumulate(c, out if mod.bias is None else out - mod.bias, mask["m"])))
-                elif f"in:{group[0].name}" not in covs:
-                    key = f"in:{group[0].name}"
-                    covs[key] = torch.zeros(linear.in_features, linear.in_features)
-                    hooks.append(block.get_submodule(group[0].name).register_forward_pre_hook(
-                        lambda mod, args, c=covs[key]: _accumulate(c, args[0], mask["m"])))
-        covariances.append(covs)
-    with torch.no_grad():
-        for batch in batches:
-            mask["m"] = batch.attention_mask
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    for hook in hooks:
-        hook.remove()
-    for block, groups, covs in zip(stack, plan, covariances):
-        compress_block(block, groups, covs, "exact")
+    stack = models.block_stack(model)[1]
+    mask = {}
+
+    def calibrate(blocks):
+        hooked = [_hook_block(stack[i], plan[i], mask) for i in blocks]
+        with torch.no_grad():
+            for batch in batches:
+                mask["m"] = batch.attention_mask
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        for i, (covs, hooks) in zip(blocks, hooked):
+            for hook in hooks:
+                hook.remove()
+            compress_block(stack[i], plan[i], covs, "exact")
+
+    if propagate == "original":
+        calibrate(range(len(stack)))
+    else:
+        for i in range(len(stack)):
+            calibrate([i])
     return model
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_loaded_emulator_matches_in_memory_emulator(tmp_path, arch, seed):
-    source = make_checkpoint(tmp_path / "src", arch, seed=seed % 1000)
+@pytest.mark.parametrize("arch, propagate", [(arch, "original") for arch in ARCHITECTURES]
+                         + [("llama", "emulator"), ("gemma3", "emulator")])
+def test_loaded_emulator_matches_in_memory_emulator(tmp_path, arch, propagate, seed):
+    source = make_checkpoint(tmp_path / "src", arch, num_layers=3 if propagate == "emulator" else 2, seed=seed % 1000)
     data = make_chat_data(tmp_path / "data.jsonl", n=SAMPLES, seed=seed)
-    out = emloc.build_emulator(source, data, tmp_path / "emu", 0.4, **FAST)
+    out = emloc.build_emulator(source, data, tmp_path / "emu", 0.4, propagate=propagate, **FAST)
     batches = _batches(source, data)
-    reference = _in_memory_emulator(source, batches, 0.4)
+    reference = _in_memory_emulator(source, batches, 0.4, propagate)
     shutil.rmtree(source)  # loading needs nothing from the source
     loaded = emloc.load_emulator(out)
     emulated = [n for n, m in loaded.named_modules() if isinstance(m, emloc.EmulatorLinear)]
@@ -91,7 +105,7 @@ def test_loaded_emulator_matches_in_memory_emulator(tmp_path, arch, seed):
             got = loaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             expected = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         mask = batch.attention_mask
-        assert_close(got[mask], expected[mask].double(), rtol=1e-4, what=f"{arch} emulator logits")
+        assert_close(got[mask], expected[mask].double(), rtol=1e-4, what=f"{arch} emulator logits ({propagate})")
 
 
 def test_output_directory_layout(tmp_path):
