@@ -17,6 +17,7 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 SCALE = 1 if ON_GPU else 16  # layer shapes (benchmarks/shapes.py) are divided by this
+ROUNDS = 20 if ON_GPU else 5  # timed rounds per benchmark: a fixed count keeps the CPU suite to minutes
 
 
 def scaled(size: int) -> int:
@@ -48,14 +49,13 @@ MEDIANS: dict[str, dict[str, float]] = defaultdict(dict)
 
 @pytest.fixture
 def timed(benchmark):
-    """``timed(group, impl, fn, *args, rounds=None)``: benchmark ``fn(*args)`` as ``impl`` within ``group``.
+    """``timed(group, impl, fn, *args, rounds=ROUNDS)``: benchmark ``fn(*args)`` as ``impl`` within ``group``.
 
     Each group holds the naive baseline and the emloc variants on the same inputs; the session ends with
-    the median speed-up of every variant over the baseline. ``rounds`` fixes the number of rounds for slow
-    calls (pedantic mode).
+    the median speed-up of every variant over the baseline.
     """
 
-    def run(group: str, impl: str, fn, *args, rounds: int | None = None):
+    def run(group: str, impl: str, fn, *args, rounds: int = ROUNDS):
         def call():
             fn(*args)
             synchronize()
@@ -63,10 +63,7 @@ def timed(benchmark):
         benchmark.group = group
         benchmark.extra_info["impl"] = impl
         call()  # warm-up outside the timing: the first call pays for imports, op registration and compilation
-        if rounds is None:
-            benchmark(call)
-        else:
-            benchmark.pedantic(call, rounds=rounds)
+        benchmark.pedantic(call, rounds=rounds)
         if benchmark.stats is not None:
             MEDIANS[group][impl] = benchmark.stats.stats.median
 

@@ -33,7 +33,7 @@ def triton_only(monkeypatch):
 
 
 def random_covariance(n: int) -> torch.Tensor:
-    """A symmetric PSD fp32 start value of the same scale as one update: the in-place add must keep it."""
+    """A symmetric PSD fp32 start value, as left by earlier updates: the in-place add must keep it."""
     a = torch.randn(n, 8, device=DEVICE)
     return a @ a.T
 
