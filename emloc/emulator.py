@@ -562,6 +562,8 @@ def build_emulator(
         raise BuildError(f"svd: must be 'exact' or 'randomized', got {svd!r}")
     if propagate not in ("original", "emulator"):
         raise BuildError(f"propagate: must be 'original' or 'emulator', got {propagate!r}")
+    if output_dir.resolve() == model_path.resolve():
+        raise BuildError(f"{output_dir}: the output directory is the model directory; the source would be overwritten")
     source = _Source(model_path, device or _default_device(), dtype)
     plan = plan_compression(source.model, compression)
     tokenizer = _tokenizer(model_path)

@@ -311,6 +311,8 @@ def test_bad_sources_are_named(tmp_path):
     (unknown / "config.json").write_text(json.dumps({**config, "model_type": "mystery"}))
     with pytest.raises(models.UnsupportedModelError, match="'mystery'; supported: llama"):
         emloc.build_emulator(unknown, data, tmp_path / "emu", **FAST)
+    with pytest.raises(BuildError, match="is the model directory"):
+        emloc.build_emulator(missing, data, missing, overwrite=True, **FAST)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(CalibrationError, match="empty.jsonl: calibration data is empty"):
