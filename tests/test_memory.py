@@ -4,6 +4,7 @@ planner's choices and errors."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -55,6 +56,23 @@ def test_shipped_config_counts_match_transformers(name):
     config = json.loads((CONFIG_DIR / f"{name}.json").read_text())
     model = dry_run._meta_model(dry_run._language_config(config), torch.bfloat16)
     assert model_spec(config, name).params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_plan_of_a_model_directory_counts_its_checkpoint(tmp_path, arch):
+    from safetensors import safe_open
+
+    from checkpoints import make_checkpoint
+
+    directory = make_checkpoint(tmp_path / arch, arch, num_layers=3, hidden_size=48, intermediate_size=131,
+                                vocab_size=211, tokenizer=False)
+    stored = 0
+    for path in directory.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            stored += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    p = plan(directory, "1GiB")
+    assert p.original_params == stored
+    assert p.model == arch and p.fits
 
 
 def test_internvl_38b_spec_matches_published_shapes():
