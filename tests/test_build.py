@@ -369,3 +369,12 @@ def test_activations_spilled_to_disk_give_the_same_emulator(tmp_path, monkeypatc
     assert not (on_disk / ".emloc-activations").exists(), "spilled activations are removed after the build"
     for shard in sorted(in_memory.glob("*.safetensors")):
         assert shard.read_bytes() == (on_disk / shard.name).read_bytes(), shard.name
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    source = make_checkpoint(tmp_path / "src", "llama")
+    data = make_text_data(tmp_path / "d.jsonl", 2)
+    code = main(["build", str(source), "--data", str(data), "--out", str(tmp_path / "emu"), "--ratio", "1.5"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "emloc build: compression: compression ratio must be in (0, 1], got 1.5"
+    assert not (tmp_path / "emu").exists()

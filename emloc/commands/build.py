@@ -1,13 +1,19 @@
 """``emloc build``: compress a checkpoint into an emulator directory, block by block."""
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from ..emulator import REPORT, build_emulator
+from ..calibration import CalibrationError
+from ..emulator import REPORT, BuildError, build_emulator
+from ..models import UnsupportedModelError
+from ..streaming import CheckpointError
+
+# Errors that describe bad input: reported as one line, without a traceback.
+INPUT_ERRORS = (BuildError, CalibrationError, CheckpointError, UnsupportedModelError)
 
 
 def add_parser(subparsers) -> None:
@@ -64,12 +70,16 @@ def summary(report: dict) -> str:
 
 
 def run(args) -> int:
-    out = build_emulator(
-        args.model_dir, args.data, args.out, _compression(args), device=args.device,
-        dtype=getattr(torch, args.dtype) if args.dtype else None, max_samples=args.samples,
-        max_length=args.max_length, svd=args.svd, propagate=args.propagate, resume=args.resume,
-        overwrite=args.overwrite, batch_size=args.batch_size, seed=args.seed,
-    )
+    try:
+        out = build_emulator(
+            args.model_dir, args.data, args.out, _compression(args), device=args.device,
+            dtype=getattr(torch, args.dtype) if args.dtype else None, max_samples=args.samples,
+            max_length=args.max_length, svd=args.svd, propagate=args.propagate, resume=args.resume,
+            overwrite=args.overwrite, batch_size=args.batch_size, seed=args.seed,
+        )
+    except INPUT_ERRORS as exc:
+        print(f"emloc build: {exc}", file=sys.stderr)
+        return 2
     print(summary(json.loads((out / REPORT).read_text())))
     print(f"emulator written to {out} (report: {out / REPORT})")
     return 0
