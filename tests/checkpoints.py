@@ -75,14 +75,18 @@ def make_tokenizer(directory: Path, vocab_size: int = 200, seed: int = 0) -> tra
     return wrapped
 
 
+def _block_of(name: str) -> str | None:
+    """The block number in a tensor name (``model.layers.3.mlp...`` -> ``"3"``), None outside the blocks."""
+    return name.split(".layers.")[1].split(".")[0] if ".layers." in name else None
+
+
 def _shard_cuts(names: list[str], shards: int) -> list[int]:
     """Indices where each new shard starts: evenly spaced, moved off block boundaries so that the block
     around each cut spans two shards."""
     cuts = []
     for i in range(1, shards):
         cut = round(i * len(names) / shards)
-        if ".layers." in names[cut] and names[cut].split(".layers.")[1].split(".")[0] != \
-                names[cut - 1].split(".layers.")[-1].split(".")[0]:
+        if _block_of(names[cut]) is not None and _block_of(names[cut]) != _block_of(names[cut - 1]):
             cut += 1
         cuts.append(cut)
     return cuts
