@@ -54,10 +54,11 @@ def test_covariance_update(timed, width, impl):
 
 
 def calibrated_layer(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight and the fp32 input covariance of correlated activations (a decaying spectrum, as in LLMs)."""
+    """A weight in the benchmark dtype and the fp32 input covariance of correlated activations (a decaying
+    spectrum, as in LLMs)."""
     mixing = torch.randn(n, n, device=DEVICE) * torch.logspace(0, -3, n, device=DEVICE)
     x = torch.randn(2 * n, n, device=DEVICE) @ mixing
-    return torch.randn(m, n, device=DEVICE) / n**0.5, x.T @ x
+    return (torch.randn(m, n, device=DEVICE) / n**0.5).to(DTYPE), x.T @ x
 
 
 @pytest.mark.parametrize("impl", ("naive", "emloc exact", "emloc randomized"))
@@ -75,7 +76,7 @@ def test_lowrank_factors(timed, name, impl):
     if m >= n:
         timed(group, impl, lambda: whitened_lowrank(weight, whitening(cov), rank, method=method), rounds=3)
     else:
-        out_cov = weight @ cov @ weight.T  # accumulated by covariance_update from the layer's outputs
+        out_cov = weight.float() @ cov @ weight.float().T  # accumulated by covariance_update from the outputs
         timed(group, impl, lambda: projected_lowrank(weight, out_cov, rank, method=method), rounds=3)
 
 
