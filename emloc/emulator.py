@@ -15,6 +15,7 @@ inputs and its covariances, avoid host syncs on the per-token path, and run on m
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -619,6 +620,9 @@ def build_emulator(
                     for local, r in reports.items()}})
             bar.close()
             release(block)
+            # Reference cycles left by a block's pass hold memory until the cycle collector runs; without this
+            # collection a 48-block build rose 3x higher above its starting RSS than one collecting per block.
+            gc.collect()
         _finish(output_dir, source, manifest, tokenizer, total)
     finally:
         store.close()
