@@ -193,12 +193,12 @@ def construction(spec: ModelSpec, s: Settings, language_only: bool = False) -> S
 def block_activation_bytes(stack: BlockStack, tokens: int, B: int, lora_r: int) -> int:
     """What backward needs from one decoder block, recomputed under gradient checkpointing: two RMSNorms
     (fp32 input and normalised output), q, k, v, attention output and log-sum-exp, the four (T, I) MLP
-    tensors, and each linear's ``x a^T``."""
+    tensors and two (T, I) gradients of its backward, and each linear's ``x a^T``."""
     h, inter = stack.hidden, stack.intermediate
     q, kv = stack.heads * stack.head_dim, stack.kv_heads * stack.head_dim
     norms = 2 * (FP32 + B) * h
     attention = B * (2 * q + 2 * kv) + FP32 * stack.heads
-    mlp = 4 * B * inter
+    mlp = (4 + 2) * B * inter  # saved by the forward, and two (T, I) gradients alive at once in its backward
     lora = B * lora_r * len(stack.linears)
     return tokens * (norms + attention + mlp + lora)
 
