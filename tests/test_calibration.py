@@ -81,3 +81,9 @@ def test_bad_data_is_named(tmp_path, tokenizer, content, match):
 def test_missing_file(tmp_path, tokenizer):
     with pytest.raises(CalibrationError, match="not found"):
         load_texts(tmp_path / "nope.jsonl", tokenizer)
+
+
+def test_chat_data_needs_a_chat_template(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenizer, "chat_template", None)
+    with pytest.raises(CalibrationError, match=r"d.jsonl:1: chat data needs a tokenizer with a chat template"):
+        load_texts(make_chat_data(tmp_path / "d.jsonl", n=2), tokenizer)
