@@ -2,7 +2,6 @@
 ratio whose every stage fits a device budget (or why nothing fits)."""
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 
@@ -170,9 +169,8 @@ def _calibration_micro_batch(spec: ModelSpec, s: Settings, budget: int) -> int:
     # as many samples per block pass as fit in a quarter of the budget, at most 8 (and at most all of them)
     mb = 1
     while mb * 2 <= min(8, s.samples):
-        trial = replace(s, calibration_micro_batch=mb * 2)
-        if estimate.construction(spec, trial).device.get("activations", 0) > budget // 4 or \
-                estimate.construction(spec, trial).device_peak > budget:
+        stage = estimate.construction(spec, replace(s, calibration_micro_batch=mb * 2))
+        if stage.device["activations"] > budget // 4 or stage.device_peak > budget:
             break
         mb *= 2
     return mb
@@ -260,7 +258,3 @@ def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch:
         s = replace(s, ratio=found)
     s = replace(s, calibration_micro_batch=calibration_micro_batch or _calibration_micro_batch(spec, s, budget_bytes))
     return _evaluate(spec, s, budget_bytes, name, config)
-
-
-def plan_json(p: Plan) -> str:
-    return json.dumps(p.to_dict(), indent=2)
