@@ -110,14 +110,16 @@ def test_shipped_checkpoints_load_are_pretrained_and_as_documented(demo_tokenize
         assert abs(linear[spec.name] / linear[DEFAULT.name] - ratio) < 0.05 * ratio + 0.02
 
 
-def test_miniature_comparison_runs_end_to_end(monkeypatch, tmp_path):
+def test_miniature_comparison_runs_end_to_end(monkeypatch, tmp_path, demo_tokenizer):
     from emloc.demo.compare import EMLOC, ROWS, SMALLER, UNCORRECTED, Settings, compare
+    from emloc.demo.diagnose import adapter_agreement, corrected_layer_error
     from emloc.demo.report import format_table, plot, summarize
 
     monkeypatch.setenv("EMLOC_BACKEND", "torch")  # the interpreted kernels are tested elsewhere; keep this fast
     settings = Settings(ratios=(0.25,), seeds=(0, 1), steps=2, batch_size=4, calibration_samples=8,
                         task=TaskConfig(train_size=24, test_size=12))
     runs = compare(settings, tmp_path / "work")
+    _, test = make_splits(settings.task)
     assert [r.row for r in runs] == [row for row in ROWS for _ in settings.seeds]
     assert all(0.0 <= r.accuracy <= 1.0 and r.seconds > 0 for r in runs)
     peak = {r.row: r.peak_bytes for r in runs if r.seed == 0}
@@ -128,6 +130,11 @@ def test_miniature_comparison_runs_end_to_end(monkeypatch, tmp_path):
         out = tmp_path / "work" / f"emloc-0.25-seed{seed}"
         assert (out / "corrected" / "adapter_model.safetensors").is_file()
         assert (out / "export").is_dir()
+    diagnosis = adapter_agreement(DEFAULT.path, tmp_path / "work" / "emloc-0.25-seed0", demo_tokenizer, test)
+    assert all(diagnosis[f"kl {v}"] >= 0 and 0 <= diagnosis[f"agree {v}"] <= 1
+               for v in ("no adapter", "uncorrected", "corrected"))
+    assert diagnosis["correction_size"] > 0
+    assert corrected_layer_error(DEFAULT.path, tmp_path / "work" / "emloc-0.25-seed0", demo_tokenizer, test) > 0
     summaries = summarize(runs)
     assert [s.seeds for s in summaries] == [2] * len(ROWS)
     table = format_table(summaries)

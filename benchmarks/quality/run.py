@@ -2,7 +2,7 @@
 
     python benchmarks/quality/run.py [--seeds 5] [--steps 300] [--test-size 1000] [--train-size 4000]
 
-More seeds, more LoRA steps and a larger test split than ``emloc demo``, and, for the first seed, the
+More seeds, more training programs and a larger test split than ``emloc demo``, and, for the first seed, the
 diagnosis of :mod:`emloc.demo.diagnose` (how closely each adapter on the original model reproduces the
 fine-tuned emulator). The results file records the machine it ran on.
 """

@@ -40,6 +40,48 @@ def correction_size(original_path: Path, trained: LoraAdapter, corrected: LoraAd
     return (change / update) ** 0.5
 
 
+@torch.no_grad()
+def corrected_layer_error(original_path: Path, run_dir: Path, tokenizer: PreTrainedTokenizerBase,
+                     examples: list[Example]) -> float:
+    """How far the corrected original layers are from the emulator's, relative to the uncorrected ones.
+
+    With ``E = W - W'`` and ``P`` an orthonormal basis of the LoRA's input space, a layer with the uncorrected
+    adapter differs from the emulator's by ``E x``, with the corrected one by ``E (x - P P^T x)``. Returns
+    ``sum ||E (x - P P^T x)||^2 / sum ||E x||^2`` over the tokens of ``examples`` (padding excluded) and the LoRA
+    layers, each fed the original model's own inputs: below 1 the correction brings the layers closer to what
+    the LoRA was trained on, above 1 it moves them away.
+    """
+    model = AutoModelForCausalLM.from_pretrained(original_path, dtype=torch.float64)
+    emulator = load_emulator(run_dir / "emulator", device="cpu", dtype=torch.float64)
+    trained = LoraAdapter.load(run_dir / "train" / "adapter")
+    batch = encode(tokenizer, examples)
+    mask = batch["attention_mask"].bool()
+    corrected = total = 0.0
+    hooks = []
+
+    def measure(name: str, layer: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        nonlocal corrected, total
+        emulated = emulator.get_submodule(name)
+        if not hasattr(emulated, "u"):  # kept dense: no error to correct
+            return
+        x = inputs[0][mask]
+        error = layer.weight - emulated.u @ emulated.v
+        basis = torch.linalg.qr(trained.weights[name][0].double().T).Q  # (n, r): the LoRA input space
+        total += float((x @ error.T).square().sum())
+        outside = x - (x @ basis) @ basis.T
+        corrected += float((outside @ error.T).square().sum())
+
+    for name in trained.weights:
+        layer = model.get_submodule(name)
+        hooks.append(layer.register_forward_hook(lambda layer, inputs, _, name=name: measure(name, layer, inputs)))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return corrected / total
+
+
 def adapter_agreement(original_path: Path, run_dir: Path, tokenizer: PreTrainedTokenizerBase,
                       examples: list[Example]) -> dict[str, float]:
     """Compare, on the answers of ``examples``, the emulator fine-tuned by the ``emloc run`` in ``run_dir``
