@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import emulator, lora, training
 from ..correction import correct_layer
+from ..export import merge_lora
 from . import estimate
 from .spec import model_spec
 from .tracker import LiveBytesTracker
@@ -148,13 +149,6 @@ def measure_correction(config: dict, ratio: float, lora_r: int, dtype: torch.dty
                                                 torch.empty(rank, n, dtype=dtype, **meta))
         correct_layer(a, b, 1.0, weight, emulated)
     return tracker.peak
-
-
-def merge_lora(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``W + s B A`` in fp32, cast back to the weight's dtype (one layer of a merged-weights export)."""
-    merged = weight.float()
-    merged.addmm_(b.float(), a.float(), alpha=scaling)
-    return merged.to(weight.dtype)
 
 
 def measure_export(config: dict, lora_r: int, dtype: torch.dtype = torch.bfloat16) -> int:
