@@ -15,13 +15,14 @@ inputs and its covariances, avoid host syncs on the per-token path, and run on m
 """
 from __future__ import annotations
 
-import gc
+import ctypes
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -622,13 +623,29 @@ def build_emulator(
                     for local, r in reports.items()}})
             bar.close()
             release(block)
-            # Reference cycles left by a block's pass hold memory until the cycle collector runs; without this
-            # collection a 48-block build rose 3x higher above its starting RSS than one collecting per block.
-            gc.collect()
+            _return_freed_memory()
         _finish(output_dir, source, manifest, tokenizer, total)
     finally:
         store.close()
     return output_dir
+
+
+def _glibc():
+    try:
+        return ctypes.CDLL("libc.so.6") if sys.platform == "linux" else None
+    except OSError:  # another C library (musl): nothing to trim
+        return None
+
+
+_LIBC = _glibc()
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages a finished block freed back to the OS. glibc raises its mmap threshold after the
+    first large free, so later block-sized buffers come from the heap and stay there once freed: without the
+    trim, the peak RSS above the start grew with the number of blocks (48 blocks: 4.6x the 12-block figure)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 class _FiniteSink:
