@@ -1,10 +1,14 @@
 """pytest-benchmark: emloc's build against the baseline build, side by side in one run (CPU, fp32).
 
-The three builds run on the same checkpoint and calibration set; after them, the last test checks that the
-comparison is fair (the exact build's ``u v`` products match the baseline's to 1e-4, the randomized one's
-reconstruction error is within 2% of the optimum) and that the speed-ups of the medians meet their targets.
+The builds run on the same checkpoint and calibration set, the baseline first. Each emloc variant then
+checks that the comparison is fair (exact: the ``u v`` products match the baseline's to 1e-4; randomized:
+every linear's reconstruction error within 2% of the exact optimum) and that its median beats the
+baseline's by the target factor.
 
-    OMP_NUM_THREADS=1 TRITON_INTERPRET=0 pytest -q benchmarks/test_build.py --benchmark-only
+    OMP_NUM_THREADS=1 pytest -q benchmarks/test_build.py --benchmark-only --benchmark-timer time.process_time
+
+On a shared CPU, time CPU seconds (``--benchmark-timer time.process_time``, meaningful with one thread):
+wall-clock medians then measure the neighbours' load as much as the builds.
 """
 from __future__ import annotations
 
@@ -16,9 +20,9 @@ from build_workload import (Workload, emulator_factors, error_ratios, product_er
 WORKLOAD = Workload()
 ROUNDS = 3
 SPEEDUP_TARGETS = {"exact": 3.0, "randomized": 6.0}
+ERROR_RATIO_BOUND = 1.02  # randomized reconstruction error over the exact optimum's
 
-medians: dict[str, float] = {}
-results: dict[str, object] = {}
+baseline_run: dict[str, object] = {}
 
 
 @pytest.fixture(scope="module")
@@ -30,34 +34,33 @@ def workload(tmp_path_factory):
     return directory, model, data
 
 
-def _bench(benchmark, name: str, fn, *args):
+def _timed(benchmark, name: str, fn, *args):
+    """Median seconds of ``rounds`` calls of ``fn(*args)`` and the last call's result."""
     benchmark.group = "emulator build: " + WORKLOAD.describe()
     benchmark.name = name
-    results[name] = benchmark.pedantic(fn, args=args, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-    medians[name] = benchmark.stats.stats.median
+    result = benchmark.pedantic(fn, args=args, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    return benchmark.stats.stats.median, result
 
 
 def test_baseline_build(benchmark, workload):
     directory, model, data = workload
-    _bench(benchmark, "baseline", run_baseline, model, data, directory / "baseline", WORKLOAD)
+    baseline_run["median"], baseline_run["factors"] = _timed(
+        benchmark, "baseline", run_baseline, model, data, directory / "baseline", WORKLOAD)
 
 
 @pytest.mark.parametrize("svd", ["exact", "randomized"])
 def test_emloc_build(benchmark, workload, svd):
     directory, model, data = workload
-    _bench(benchmark, svd, run_ours, model, data, directory / svd, WORKLOAD, svd)
-
-
-def test_fair_and_fast(workload):
-    missing = {"baseline", "exact", "randomized"} - set(results)
-    if missing:
-        pytest.skip(f"needs the timed builds {sorted(missing)} of this run")
-    baseline = results["baseline"]
-    assert product_error(emulator_factors(results["exact"]), baseline) <= 1e-4
-    ratios = error_ratios(emulator_factors(results["randomized"]), baseline)
-    worst = max(ratios, key=ratios.get)
-    assert ratios[worst] <= 1.02, f"randomized: {worst} reconstruction error {ratios[worst]:.4f}x the optimum"
-    speedups = {svd: medians["baseline"] / medians[svd] for svd in SPEEDUP_TARGETS}
-    print("\nspeed-up of the median over the baseline's: "
-          + ", ".join(f"{svd} {value:.2f}x (target {SPEEDUP_TARGETS[svd]:.0f}x)" for svd, value in speedups.items()))
-    assert all(speedups[svd] >= target for svd, target in SPEEDUP_TARGETS.items()), speedups
+    median, emulator = _timed(benchmark, f"emloc svd={svd}", run_ours, model, data, directory / svd, WORKLOAD, svd)
+    if "factors" not in baseline_run:
+        pytest.skip("the baseline build did not run in this session")
+    ours, baseline = emulator_factors(emulator), baseline_run["factors"]
+    if svd == "exact":
+        assert product_error(ours, baseline) <= 1e-4
+    else:
+        ratios = error_ratios(ours, baseline)
+        worst = max(ratios, key=ratios.get)
+        assert ratios[worst] <= ERROR_RATIO_BOUND, f"{worst}: reconstruction error {ratios[worst]:.4f}x the optimum"
+    speedup = baseline_run["median"] / median
+    benchmark.extra_info["speedup_over_baseline"] = round(speedup, 3)
+    assert speedup >= SPEEDUP_TARGETS[svd], f"svd={svd}: {speedup:.2f}x the baseline's speed, target {SPEEDUP_TARGETS[svd]}x"
