@@ -6,4 +6,7 @@
 * :mod:`.pretrain` - ``python -m emloc.demo.pretrain`` rebuilds the shipped checkpoints from a seed.
 * :mod:`.task` - the downstream task (generated from a seed, held-out test split, exact-match score).
 * :mod:`.compare` - the comparison behind ``emloc demo`` and ``benchmarks/quality``.
+* :mod:`.measure` - peak memory of one fine-tuning step, counted the same way for every row.
+* :mod:`.report` - the results as a Markdown table and a PNG bar chart.
+* :mod:`.diagnose` - how closely each adapter on the original model reproduces the fine-tuned emulator.
 """
