@@ -4,6 +4,10 @@ Each stage writes into its own directory under ``output_dir`` (``emulator/``, ``
 ``export/``) and is recorded in ``run_state.json`` when finished, so an interrupted run resumes at the first
 unfinished stage (building and training also resume inside the stage). The summary (sizes, losses, eval
 accuracy of the original model before and after) goes to ``summary.json`` and is returned.
+
+With a device ``budget`` the run follows the memory plan (:func:`emloc.plan`) of its own model and settings:
+the largest compression ratio that fits (unless one is given, which must fit), the calibration micro-batch of
+the build, the LM-head chunk and the input embedding's place in training.
 """
 from __future__ import annotations
 
@@ -21,10 +25,45 @@ from .emulator import REPORT as BUILD_REPORT
 from .emulator import build_emulator, load_emulator
 from .export import export
 from .lora import LoraAdapter, atomic_write_text
+from .memory import Plan, plan
+from .memory.spec import load_model_config
 from .training import ADAPTER_DIR, REPORT_FILE, TrainConfig, evaluate, train
 
 STATE_FILE = "run_state.json"
 SUMMARY_FILE = "summary.json"
+DEFAULT_RATIO = 0.4
+
+
+def plan_for_budget(model_dir: str | os.PathLike, budget: str | int, config: TrainConfig,
+                    ratio: float | dict | None = None, max_samples: int = 64, svd: str = "exact",
+                    dtype: torch.dtype | None = None) -> Plan:
+    """The memory plan of building and training on the model in ``model_dir`` (its ``config.json``) within
+    ``budget``: the training shape of ``config``, ``max_samples`` calibration samples, ``dtype`` weights.
+
+    ``ratio`` None takes the largest ratio that fits. Raises ValueError with the planner's reason when the
+    given ratio, or any ratio, does not fit.
+    """
+    if isinstance(ratio, dict):
+        raise ValueError("budget: the plan is for one compression ratio; per-module ratios cannot be planned")
+    model_config, name = load_model_config(model_dir)
+    if dtype is not None:
+        model_config = {**model_config, "torch_dtype": str(dtype).removeprefix("torch.")}
+    result = replace(plan(model_config, budget, seq_len=config.max_length, batch=config.micro_batch_size,
+                          lora_r=config.lora_r, samples=max_samples, ratio=ratio, method=svd), model=name)
+    if not result.fits:
+        given = "" if ratio is None else f"ratio {ratio} does not fit: "
+        raise ValueError(f"budget {budget}: {given}{result.reason}")
+    return result
+
+
+def plan_record(result: Plan) -> dict:
+    """What a run records of the plan it followed: budget, ratio, device peak per stage, chosen settings."""
+    s = result.settings
+    return {"budget_bytes": result.budget, "ratio": result.ratio,
+            "device_peak_bytes": {stage.name: stage.device_peak for stage in result.stages},
+            "settings": {"calibration_micro_batch": s.calibration_micro_batch, "lm_head_chunk": s.lm_head_chunk,
+                         "embeddings_on_device": s.embeddings_on_device, "micro_batch": s.batch,
+                         "seq_len": s.seq_len, "method": s.method}}
 
 
 def _dir_bytes(path: Path) -> int:
@@ -45,28 +84,42 @@ def _original_eval(model_path: Path, adapters: dict[str, LoraAdapter | None], ex
 
 
 def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str | os.PathLike,
-        ratio: float | dict[str, float] = 0.4, *, train_config: TrainConfig | None = None, clamp: float | None = 3.0,
-        merge: bool = False, device: str | None = None, dtype: torch.dtype | None = None, max_samples: int = 64,
-        svd: str = "exact", evaluate_original: bool = True, progress: bool = True) -> dict:
+        ratio: float | dict[str, float] | None = None, *, train_config: TrainConfig | None = None,
+        clamp: float | None = 3.0, merge: bool = False, device: str | None = None, dtype: torch.dtype | None = None,
+        max_samples: int = 64, svd: str = "exact", evaluate_original: bool = True, budget: str | int | None = None,
+        progress: bool = True) -> dict:
     """Build, train, correct and export; returns the summary (also written to ``output_dir/summary.json``).
 
     Args:
         model_path: the original model (safetensors checkpoint with tokenizer).
         data: training data (JSONL text/messages/conversations or .txt); calibration samples come from it too.
         output_dir: where every stage writes; rerunning with the same arguments resumes.
-        ratio: compression ratio (or ``{regex: ratio}``) of the emulator.
+        ratio: compression ratio (or ``{regex: ratio}``) of the emulator; default 0.4, or with ``budget`` the
+            largest that fits.
         train_config: training settings (``output_dir`` is set to ``output_dir/train``).
         clamp: the correction clamp (None: off).
         merge: also write the merged checkpoint.
         device, dtype: where and in which dtype the emulator is built and trained.
         max_samples, svd: calibration sample count and factorisation of the build.
         evaluate_original: evaluate the original model on the eval split before and after (loads it whole).
+        budget: device memory (``"24GiB"``, bytes) the build and training must fit: the run follows
+            :func:`plan_for_budget` (ratio, calibration micro-batch, LM-head chunk, embedding on the host)
+            and records the plan in the summary. The plan covers the emulator path, not ``evaluate_original``.
     """
     model_path, output_dir = Path(model_path), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = replace(train_config or TrainConfig(), output_dir=str(output_dir / "train"), progress=progress)
-    settings = {"model": str(model_path.resolve()), "data": str(Path(data).resolve()), "ratio": ratio,
+    build_args = {"compression": DEFAULT_RATIO if ratio is None else ratio, "max_samples": max_samples, "svd": svd}
+    followed = None
+    if budget is not None:
+        followed = plan_for_budget(model_path, budget, config, ratio, max_samples, svd, dtype)
+        build_args = followed.build_kwargs()
+        config = replace(config, **followed.train_kwargs())
+        if progress:
+            print(followed.table(), flush=True)
+    settings = {"model": str(model_path.resolve()), "data": str(Path(data).resolve()),
+                "ratio": build_args["compression"] if budget is None else ratio, "budget": budget,
                 "clamp": clamp, "merge": merge, "dtype": str(dtype), "max_samples": max_samples, "svd": svd,
                 "train": {k: v for k, v in asdict(config).items() if k != "progress"}}
     state_path = output_dir / STATE_FILE
@@ -84,8 +137,7 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
 
     emulator_dir = output_dir / "emulator"
     if "build" not in done:
-        build_emulator(model_path, data, emulator_dir, ratio, device=device, dtype=dtype, max_samples=max_samples,
-                       svd=svd, progress=progress)
+        build_emulator(model_path, data, emulator_dir, device=device, dtype=dtype, progress=progress, **build_args)
         finish("build")
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(emulator_dir)
@@ -121,6 +173,8 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
         "outputs": {"adapter": str(export_dir / "adapter"),
                     **({"merged": str(export_dir / "merged")} if merge else {})},
     }
+    if followed is not None:
+        summary["memory_plan"] = plan_record(followed)
     if evaluate_original and eval_examples:
         summary["original_eval"] = _original_eval(
             model_path, {"before": None, "uncorrected": LoraAdapter.load(train_dir / ADAPTER_DIR),
@@ -144,5 +198,12 @@ def format_summary(summary: dict) -> str:
         accuracy = metrics.get("eval_exact_match")
         lines.append(f"original {label:<12} eval loss {metrics['eval_loss']:.4f}"
                      + (f", exact match {accuracy:.1%}" if accuracy is not None else ""))
+    if "memory_plan" in summary:
+        followed = summary["memory_plan"]
+        s = followed["settings"]
+        peaks = ", ".join(f"{name} {peak / 2**30:.2f}" for name, peak in followed["device_peak_bytes"].items())
+        lines.append(f"memory plan  budget {followed['budget_bytes'] / 2**30:.2f} GiB, ratio {followed['ratio']:.3f}, "
+                     f"peak GiB {peaks}; calibration micro-batch {s['calibration_micro_batch']}, LM-head chunk "
+                     f"{s['lm_head_chunk']}, embedding on {'device' if s['embeddings_on_device'] else 'host'}")
     lines += [f"{name:<12} {path}" for name, path in summary["outputs"].items()]
     return "\n".join(lines)

@@ -4,6 +4,8 @@
   gradient in the forward pass, so full fp32 logits never exist (only one ``(chunk, vocab)`` block at a time).
 * :class:`CausalLMLoss` is a model's whole loss as a module (wrappable by DDP; callable on meta tensors for a
   memory dry run); :func:`training_step` is one optimizer step over micro-batches, with no host sync.
+* :func:`place_input_embedding` keeps an untied input embedding on the host: it is only looked up, so only the
+  looked-up rows travel to the device (the memory plan's default, ``TrainConfig.embeddings_on_device``).
 * :func:`train` is the loop: AdamW over the LoRA weights only (fp32 state), cosine schedule with warm-up,
   gradient accumulation and clipping, gradient checkpointing, eval loss and exact-match accuracy, checkpoints
   and resume, a progress bar, and data parallelism when ``torch.distributed`` is initialised (torchrun).
@@ -40,7 +42,8 @@ class TrainConfig:
     fields: ``lora_target`` (regex or names, see :func:`emloc.add_lora`; None: every linear but the LM head),
     ``lm_head_chunk`` (tokens per LM-head block: bounds the logits memory), ``eval_fraction`` (held-out share
     of the data), ``eval_steps`` (evaluate every N steps, 0: only at the end), ``save_steps`` (checkpoint every
-    N steps), ``max_grad_norm`` (None: no clipping).
+    N steps), ``max_grad_norm`` (None: no clipping), ``embeddings_on_device`` (False: the input embedding stays
+    on the host unless it is tied to the LM head; see :func:`place_input_embedding`).
     """
 
     output_dir: str | None = None
@@ -59,6 +62,7 @@ class TrainConfig:
     max_length: int = 2048
     gradient_checkpointing: bool = True
     lm_head_chunk: int = 1024
+    embeddings_on_device: bool = True
     eval_fraction: float = 0.05
     eval_steps: int = 0
     save_steps: int = 100
@@ -132,11 +136,33 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, normal
     return _ChunkedLMHeadLoss.apply(hidden, weight.detach(), labels, chunk, softcap, normalizer)
 
 
+def compute_device(model: nn.Module) -> torch.device:
+    """Where ``model`` computes: the LM head's device (the input embedding may be on the host)."""
+    return model.get_output_embeddings().weight.device
+
+
+def place_input_embedding(model: nn.Module, on_device: bool) -> bool:
+    """Move an untied input embedding to the host (``on_device=False``) or to the compute device.
+
+    The input embedding is only looked up, so on the host it costs the device nothing but the looked-up rows
+    (:class:`CausalLMLoss` moves them over); an embedding tied to the LM head stays where the head is.
+    Returns whether the embedding is on the host afterwards.
+    """
+    embedding = model.get_input_embeddings()
+    tied = embedding.weight is model.get_output_embeddings().weight
+    host = not on_device and not tied
+    embedding.to("cpu" if host else compute_device(model))
+    return host
+
+
 class CausalLMLoss(nn.Module):
-    """A causal LM's training loss as a module: decoder, then the chunked LM head and cross entropy.
+    """A causal LM's training loss as a module: embedding lookup, decoder, then the chunked LM head and cross
+    entropy.
 
     ``forward(input_ids, attention_mask, labels, normalizer) -> (loss, correct)`` with ``correct (B, T)``
-    marking tokens whose next-token argmax is the label. Wrap this module (not the model) in DDP.
+    marking tokens whose next-token argmax is the label. The embedding is looked up where it lives (the host,
+    after :func:`place_input_embedding`) and its rows moved to the LM head's device, where everything else
+    runs. Wrap this module (not the model) in DDP.
     """
 
     def __init__(self, model: nn.Module, chunk: int = 1024) -> None:
@@ -149,7 +175,10 @@ class CausalLMLoss(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
                 normalizer: Tensor | float) -> tuple[Tensor, Tensor]:
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+        embedding = self.model.get_input_embeddings()
+        device = compute_device(self.model)
+        embeds = embedding(input_ids.to(embedding.weight.device)).to(device)
+        hidden = self.model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
                                           use_cache=False).last_hidden_state
         # Position t predicts token t + 1: shift the labels, not the (large) hidden states.
         shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1)
@@ -224,7 +253,7 @@ def evaluate(model: nn.Module, examples: list[dict], batch_size: int = 4, chunk:
         return {}
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = compute_device(model)
     loss_module = CausalLMLoss(model, chunk)
     total_loss, exact, answers = 0.0, 0, 0
     normalizer = target_tokens(examples)
@@ -302,7 +331,8 @@ def train(model: nn.Module, data, config: TrainConfig, tokenizer=None, eval_data
 
     Args:
         model: the model; LoRA is added per ``config`` unless it already carries LoRA (:func:`emloc.add_lora`).
-            Everything but the LoRA weights is frozen.
+            Everything but the LoRA weights is frozen. With ``config.embeddings_on_device`` False its untied
+            input embedding is moved to the host and stays there.
         data: a data file (JSONL text/messages/conversations, or .txt) or a list of examples from
             :func:`emloc.data.load_examples`.
         config: the :class:`TrainConfig`.
@@ -329,6 +359,10 @@ def train(model: nn.Module, data, config: TrainConfig, tokenizer=None, eval_data
         add_lora(model, config.lora_target, config.lora_r, config.lora_alpha, config.lora_dropout, config.rslora)
         lora_form = (config.lora_r if config.lora_alpha is None else config.lora_alpha, config.rslora)
     parameters = lora_parameters(model)
+    if world > 1 and not config.embeddings_on_device:
+        raise ValueError("TrainConfig.embeddings_on_device: data parallelism needs the input embedding on the "
+                         "device; set embeddings_on_device=True")
+    place_input_embedding(model, config.embeddings_on_device)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()

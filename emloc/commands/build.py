@@ -10,7 +10,9 @@ import torch
 from ..calibration import CalibrationError
 from ..emulator import REPORT, BuildError, build_emulator
 from ..models import UnsupportedModelError
+from ..pipeline import DEFAULT_RATIO, plan_for_budget
 from ..streaming import CheckpointError
+from ..training import TrainConfig
 
 # Errors that describe bad input: reported as one line, without a traceback.
 INPUT_ERRORS = (BuildError, CalibrationError, CheckpointError, UnsupportedModelError)
@@ -27,13 +29,18 @@ def add_parser(subparsers) -> None:
                         help="calibration data: JSONL with text, messages or conversations, or .txt")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="emulator directory to write")
     ratio = parser.add_mutually_exclusive_group()
-    ratio.add_argument("--ratio", type=float, default=0.4, metavar="R",
-                       help="fraction of each linear's parameters kept, in (0, 1] (default 0.4)")
+    ratio.add_argument("--ratio", type=float, default=None, metavar="R",
+                       help="fraction of each linear's parameters kept, in (0, 1] (default 0.4; with --budget the "
+                            "largest that fits)")
     ratio.add_argument("--compress", type=Path, metavar="CONFIG.json",
                        help="JSON object {regex over module names: ratio}; first match wins")
     parser.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
     parser.add_argument("--max-length", type=int, default=2048, help="tokens per sample (default 2048)")
-    parser.add_argument("--batch-size", type=int, default=4, help="samples per calibration batch (default 4)")
+    batch = parser.add_mutually_exclusive_group()
+    batch.add_argument("--batch-size", type=int, default=None, help="samples per calibration batch (default 4)")
+    batch.add_argument("--budget", default=None, metavar="SIZE",
+                       help="device memory to fit (24GiB, 20GB, ...): the ratio (unless given) and the calibration "
+                            "batch follow the memory plan, for training with the defaults of `emloc train` after")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                         help="compute and storage dtype (default: the checkpoint's)")
@@ -49,7 +56,7 @@ def add_parser(subparsers) -> None:
 
 def _compression(args) -> float | dict[str, float]:
     if args.compress is None:
-        return args.ratio
+        return DEFAULT_RATIO if args.ratio is None else args.ratio
     try:
         config = json.loads(args.compress.read_text())
     except (OSError, ValueError) as exc:
@@ -69,14 +76,28 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> int:
+def _planned(args, dtype) -> dict:
+    """Arguments of the build from the memory plan within ``--budget`` (the ratio unless given)."""
+    ratio = _compression(args) if args.ratio is not None or args.compress else None
     try:
-        out = build_emulator(
-            args.model_dir, args.data, args.out, _compression(args), device=args.device,
-            dtype=getattr(torch, args.dtype) if args.dtype else None, max_samples=args.samples,
-            max_length=args.max_length, svd=args.svd, propagate=args.propagate, resume=args.resume,
-            overwrite=args.overwrite, batch_size=args.batch_size, seed=args.seed,
-        )
+        followed = plan_for_budget(args.model_dir, args.budget, TrainConfig(max_length=args.max_length), ratio,
+                                   args.samples, args.svd, dtype)
+    except (ValueError, FileNotFoundError) as exc:
+        raise BuildError(str(exc)) from None
+    print(followed.table())
+    return followed.build_kwargs()
+
+
+def run(args) -> int:
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    try:
+        build_args = {"compression": _compression(args), "max_samples": args.samples, "max_length": args.max_length,
+                      "batch_size": args.batch_size or 4, "svd": args.svd}
+        if args.budget is not None:
+            build_args = _planned(args, dtype)
+        out = build_emulator(args.model_dir, args.data, args.out, device=args.device, dtype=dtype,
+                             propagate=args.propagate, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
+                             **build_args)
     except INPUT_ERRORS as exc:
         print(f"emloc build: {exc}", file=sys.stderr)
         return 2

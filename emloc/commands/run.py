@@ -14,7 +14,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("model", help="original model directory (safetensors + tokenizer)")
     parser.add_argument("--data", required=True, help="training data; calibration samples are drawn from it too")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--ratio", type=float, default=0.4, help="compression ratio of the emulator (default 0.4)")
+    parser.add_argument("--ratio", type=float, default=None,
+                        help="compression ratio of the emulator (default 0.4; with --budget the largest that fits)")
+    parser.add_argument("--budget", default=None, metavar="SIZE",
+                        help="device memory to fit (24GiB, 20GB, ...): build and training follow the memory plan")
     parser.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
     parser.add_argument("--svd", choices=("exact", "randomized"), default="exact")
     parser.add_argument("--clamp", type=float, default=3.0, help="correction clamp (default 3.0; 0: off)")
@@ -32,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         summary = run_pipeline(args.model, args.data, args.out, args.ratio, train_config=train_config(args, None),
                                clamp=args.clamp or None, merge=args.merge, device=args.device,
                                dtype=DTYPES.get(args.dtype), max_samples=args.samples, svd=args.svd,
-                               evaluate_original=not args.no_eval)
+                               evaluate_original=not args.no_eval, budget=args.budget)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"emloc run: {exc}") from None
     print(format_summary(summary))

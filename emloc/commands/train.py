@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -60,6 +62,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("emulator", help="emulator directory")
     parser.add_argument("--data", required=True, help="training data: JSONL (text / messages / conversations) or .txt")
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--budget", default=None, metavar="SIZE",
+                        help="device memory to fit (24GiB, 20GB, ...): the LM-head chunk and the input embedding's "
+                             "place follow the memory plan of this emulator; refused when it does not fit")
     add_training_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -76,15 +81,33 @@ def _init_distributed() -> str | None:
     return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
 
 
+def emulator_ratio(emulator_dir: str) -> float:
+    """The single compression ratio an emulator directory was built with (its config's ``emloc`` section)."""
+    path = Path(emulator_dir) / "config.json"
+    try:
+        compression = json.loads(path.read_text())["emloc"]["compression"]
+    except (OSError, ValueError, KeyError):
+        raise ValueError(f"{emulator_dir}: not an emloc emulator directory ({path} without an 'emloc' section)")
+    if list(compression) != [".*"]:
+        raise ValueError(f"{emulator_dir}: built with per-module ratios {compression}; --budget plans one ratio")
+    return compression[".*"]
+
+
 def run(args: argparse.Namespace) -> int:
     import transformers
 
     from ..emulator import load_emulator
+    from ..pipeline import plan_for_budget
     from ..training import train
 
     device = _init_distributed() or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         config = train_config(args, args.out)
+        if args.budget is not None:
+            followed = plan_for_budget(args.emulator, args.budget, config, emulator_ratio(args.emulator),
+                                       dtype=DTYPES.get(args.dtype))
+            print(followed.table())
+            config = dataclasses.replace(config, **followed.train_kwargs())
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.emulator)
         model = load_emulator(args.emulator, device=device, dtype=DTYPES.get(args.dtype))
         result = train(model, args.data, config, tokenizer=tokenizer)

@@ -50,6 +50,14 @@ def _gib(n: int) -> float:
     return round(n / GiB, 2)
 
 
+def format_bytes(n: int) -> str:
+    """``n`` bytes in the largest binary unit that keeps a leading digit (``23.99 GiB``, ``5.12 MiB``)."""
+    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
 @dataclass
 class Plan:
     """A memory plan: per-stage peaks by term, the chosen ratio and the settings the pipeline should follow.
@@ -90,7 +98,8 @@ class Plan:
         """Fields of :class:`emloc.training.TrainConfig` that make training follow this plan."""
         s = self.settings
         return {"micro_batch_size": s.batch, "max_length": s.seq_len, "lora_r": s.lora_r,
-                "lm_head_chunk": s.lm_head_chunk, "gradient_checkpointing": True}
+                "lm_head_chunk": s.lm_head_chunk, "embeddings_on_device": s.embeddings_on_device,
+                "gradient_checkpointing": True}
 
     def stage(self, name: str) -> StageMemory:
         return next(stage for stage in self.stages if stage.name == name)
@@ -151,8 +160,8 @@ def _evaluate(spec: ModelSpec, s: Settings, budget: int, name: str, config: dict
     reason = ""
     if over:
         worst = max(over, key=lambda st: st.device_peak)
-        reason = (f"{worst.name} needs {_gib(worst.device_peak)} GiB > {_gib(budget)} GiB; its largest term is "
-                  f"{worst.dominant} ({_gib(worst.device[worst.dominant])} GiB)")
+        reason = (f"{worst.name} needs {format_bytes(worst.device_peak)} > {format_bytes(budget)}; its largest "
+                  f"term is {worst.dominant} ({format_bytes(worst.device[worst.dominant])})")
     return Plan(name, budget, s, stages, spec.params, estimate.emulator_params(spec, s),
                 estimate.lora_params(spec, s.lora_r), not over, reason, _ranks(spec, s), config)
 
@@ -189,7 +198,7 @@ def _largest_fitting_ratio(spec: ModelSpec, s: Settings, budget: int) -> float |
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid * _RATIO_STEP) else (lo, mid)
-    return lo * _RATIO_STEP
+    return round(lo * _RATIO_STEP, 3)
 
 
 def _ratio_for_params(spec: ModelSpec, s: Settings, target: int) -> float:

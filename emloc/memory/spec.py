@@ -162,7 +162,8 @@ def model_spec(config: dict, name: str = "model") -> ModelSpec:
     vision = None
     if "vision_config" in config:
         vision = _vision_tower(config["vision_config"], language.hidden, top, f"{name}: vision tower")
-    dtype = llm.get("torch_dtype") or top.get("torch_dtype") or "bfloat16"
+    # transformers 5 writes "dtype", older releases "torch_dtype"
+    dtype = next((c[key] for c in (llm, top) for key in ("torch_dtype", "dtype") if c.get(key)), "bfloat16")
     return ModelSpec(
         name=name,
         dtype_bytes=_DTYPE_BYTES.get(str(dtype), 2),
