@@ -107,7 +107,6 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
             and records the plan in the summary. The plan covers the emulator path, not ``evaluate_original``.
     """
     model_path, output_dir = Path(model_path), Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = replace(train_config or TrainConfig(), output_dir=str(output_dir / "train"), progress=progress)
     build_args = {"compression": DEFAULT_RATIO if ratio is None else ratio, "max_samples": max_samples, "svd": svd}
@@ -122,6 +121,7 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
                 "ratio": build_args["compression"] if budget is None else ratio, "budget": budget,
                 "clamp": clamp, "merge": merge, "dtype": str(dtype), "max_samples": max_samples, "svd": svd,
                 "train": {k: v for k, v in asdict(config).items() if k != "progress"}}
+    output_dir.mkdir(parents=True, exist_ok=True)
     state_path = output_dir / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"settings": settings, "done": []}
     changed = sorted(k for k in settings.keys() | state["settings"].keys()

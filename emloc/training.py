@@ -141,18 +141,26 @@ def compute_device(model: nn.Module) -> torch.device:
     return model.get_output_embeddings().weight.device
 
 
-def place_input_embedding(model: nn.Module, on_device: bool) -> bool:
-    """Move an untied input embedding to the host (``on_device=False``) or to the compute device.
-
-    The input embedding is only looked up, so on the host it costs the device nothing but the looked-up rows
-    (:class:`CausalLMLoss` moves them over); an embedding tied to the LM head stays where the head is.
-    Returns whether the embedding is on the host afterwards.
-    """
+def host_embedding(model: nn.Module, on_device: bool) -> nn.Module | None:
+    """The input embedding that stays on the host in training: None with ``on_device`` or when it is tied to
+    the LM head (the head needs it on the device). The memory plan and its dry run count it by this rule."""
     embedding = model.get_input_embeddings()
     tied = embedding.weight is model.get_output_embeddings().weight
-    host = not on_device and not tied
-    embedding.to("cpu" if host else compute_device(model))
-    return host
+    return None if on_device or tied else embedding
+
+
+def place_input_embedding(model: nn.Module, on_device: bool) -> bool:
+    """Move the input embedding to the host (:func:`host_embedding`) or to the compute device.
+
+    It is only looked up, so on the host it costs the device nothing but the looked-up rows, which
+    :class:`CausalLMLoss` moves over. Returns whether the embedding is on the host afterwards.
+    """
+    host = host_embedding(model, on_device)
+    if host is not None:
+        host.to("cpu")
+    else:
+        model.get_input_embeddings().to(compute_device(model))
+    return host is not None
 
 
 class CausalLMLoss(nn.Module):

@@ -72,6 +72,7 @@ def test_plan_of_a_model_directory_counts_its_checkpoint(tmp_path, arch):
             stored += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
     p = plan(directory, "1GiB")
     assert p.original_params == stored
+    assert model_spec(p.config).dtype_bytes == 4  # the checkpoint's fp32, from transformers 5's "dtype" key
     assert p.model == arch and p.fits
 
 
@@ -250,6 +251,7 @@ def test_plan_settings_are_the_pipelines_arguments():
     assert p.build_kwargs()["compression"] == p.ratio
     config = training.TrainConfig(**p.train_kwargs())
     assert config.lm_head_chunk == p.settings.lm_head_chunk and config.gradient_checkpointing
+    assert config.embeddings_on_device is p.settings.embeddings_on_device is False  # the plan's default: host
 
 
 @pytest.mark.parametrize("bad, match", [("24XB", "cannot read"), ("-3GiB", "cannot read"), ("0GB", "positive")])

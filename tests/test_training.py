@@ -232,6 +232,26 @@ def test_loss_module_matches_hf_loss_across_architectures(tmp_path, arch):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("arch, tied", [("llama", False), ("gemma2", True)])
+def test_input_embedding_stays_on_the_host_unless_tied(tmp_path, arch, tied):
+    """The memory plan keeps an untied input embedding on the host in training; a tied one is the LM head."""
+    model_dir = make_checkpoint(tmp_path / arch, arch)
+    model = emulator(model_dir)
+    assert (model.get_input_embeddings().weight is model.get_output_embeddings().weight) == tied
+    assert training.host_embedding(model, on_device=True) is None
+    assert training.place_input_embedding(model, on_device=False) == (not tied)
+    assert (training.host_embedding(model, on_device=False) is model.get_input_embeddings()) == (not tied)
+    assert (model.get_input_embeddings().weight is model.get_output_embeddings().weight) == tied  # tie survives
+    examples = load_examples(make_chat_data(tmp_path / "chat.jsonl", n=3), transformers.AutoTokenizer.from_pretrained(
+        model_dir), 256)
+    batch = collate(examples)
+    with torch.no_grad():  # looked up where it lives, then the model's own loss
+        expected = model(**batch).loss
+        loss, _ = CausalLMLoss(model, chunk=23)(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                                 target_tokens(examples))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_cosine_schedule_with_warmup():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=2.0)
     scheduler = cosine_schedule(optimizer, total_steps=100, warmup_ratio=0.03)

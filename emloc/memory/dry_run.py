@@ -110,9 +110,9 @@ def measure_training(config: dict, ratio: float, seq_len: int, batch: int, lora_
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    # the input embedding is only looked up: unless it doubles as the LM head, it can stay on the host
-    host = None if embeddings_on_device or model.config.tie_word_embeddings else model.get_input_embeddings().weight
-    resident = [t for t in [*model.parameters(), *model.buffers()] if t is not host]
+    # the input embedding is only looked up: unless it doubles as the LM head, training keeps it on the host
+    host = training.host_embedding(model, embeddings_on_device)
+    resident = [t for t in [*model.parameters(), *model.buffers()] if host is None or t is not host.weight]
     state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     loss_module = training.CausalLMLoss(model, lm_head_chunk)
     with LiveBytesTracker("meta") as tracker:
