@@ -81,7 +81,7 @@ def _init_distributed() -> str | None:
     return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
 
 
-def emulator_ratio(emulator_dir: str) -> float:
+def _emulator_ratio(emulator_dir: str) -> float:
     """The single compression ratio an emulator directory was built with (its config's ``emloc`` section)."""
     path = Path(emulator_dir) / "config.json"
     try:
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = train_config(args, args.out)
         if args.budget is not None:
-            followed = plan_for_budget(args.emulator, args.budget, config, emulator_ratio(args.emulator),
+            followed = plan_for_budget(args.emulator, args.budget, config, _emulator_ratio(args.emulator),
                                        dtype=DTYPES.get(args.dtype))
             print(followed.table())
             config = dataclasses.replace(config, **followed.train_kwargs())
