@@ -14,10 +14,22 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CalibrationBatch", "CalibrationError", "load_texts", "make_batches", "tokenize_samples"]
+__all__ = ["CalibrationBatch", "CalibrationError", "chat_messages", "load_texts", "make_batches",
+           "tokenize_samples"]
 
+# ShareGPT speaker names -> chat roles.
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
           "model": "assistant", "bot": "assistant"}
+
+
+def chat_messages(row: dict) -> list[dict] | None:
+    """The role/content messages of a chat row (``messages``, or ShareGPT ``conversations`` with from/value),
+    or None when the row is not a chat row."""
+    if "messages" in row:
+        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    if "conversations" in row:
+        return [{"role": _ROLES.get(m["from"], m["from"]), "content": m["value"]} for m in row["conversations"]]
+    return None
 
 
 class CalibrationError(ValueError):
@@ -39,11 +51,8 @@ class CalibrationBatch:
 def _render(row: dict, tokenizer, where: str) -> str:
     if "text" in row:
         return str(row["text"])
-    if "messages" in row:
-        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    elif "conversations" in row:
-        messages = [{"role": _ROLES.get(m["from"], m["from"]), "content": m["value"]} for m in row["conversations"]]
-    else:
+    messages = chat_messages(row)
+    if messages is None:
         raise CalibrationError(f"{where}: a row needs 'text', 'messages' or 'conversations', got keys {sorted(row)}")
     if getattr(tokenizer, "chat_template", None) is None:
         raise CalibrationError(f"{where}: chat data needs a tokenizer with a chat template; this one has none")

@@ -14,21 +14,13 @@ from pathlib import Path
 
 import torch
 
-from .calibration import _ROLES  # ShareGPT speaker names -> chat roles, shared with calibration
+from .calibration import chat_messages
 
 IGNORE = -100
 
 
 class DataError(ValueError):
     """The training data cannot be used; the message names the file (and line)."""
-
-
-def _messages(row: dict) -> list[dict] | None:
-    if "messages" in row:
-        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    if "conversations" in row:
-        return [{"role": _ROLES.get(m["from"], m["from"]), "content": m["value"]} for m in row["conversations"]]
-    return None
 
 
 def _chat_example(messages: list[dict], tokenizer, max_length: int, where: str) -> dict:
@@ -80,7 +72,7 @@ def load_examples(path: str | os.PathLike, tokenizer, max_length: int = 2048) ->
             row = json.loads(line)
         except ValueError as exc:
             raise DataError(f"{where}: not valid JSON ({exc})") from exc
-        messages = _messages(row) if isinstance(row, dict) else None
+        messages = chat_messages(row) if isinstance(row, dict) else None
         if messages is not None:
             examples.append(_chat_example(messages, tokenizer, max_length, where))
         elif isinstance(row, dict) and "text" in row:
