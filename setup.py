@@ -1,7 +1,7 @@
 """emloc: fine-tune a model far larger than your GPU through an emulator and LoRA correction."""
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="emloc",
@@ -14,19 +14,20 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["emloc", "emloc.*", "emloc_kernels", "emloc_kernels.*"]),
-    include_package_data=True,
-    package_data={"emloc": ["configs/*.json", "assets/**/*"]},
+    # Namespace discovery also picks up the data folders (emloc.configs, emloc.assets) as packages.
+    packages=find_namespace_packages(include=["emloc", "emloc.*", "emloc_kernels", "emloc_kernels.*"]),
+    package_data={"emloc.configs": ["*.json"], "emloc.assets": ["*/*"]},
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux'",
         "transformers>=4.51",
+        "accelerate>=1.0",
         "safetensors>=0.4",
         "numpy",
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "peft>=0.15", "accelerate>=1.0"],
+        "test": ["pytest", "pytest-benchmark", "peft>=0.15"],
         "demo": ["matplotlib"],
     },
     entry_points={"console_scripts": ["emloc = emloc.cli:main"]},
