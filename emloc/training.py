@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import transformers
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -334,6 +335,15 @@ class TrainResult:
     steps: int = 0
 
 
+def _saved_tokenizer(model: nn.Module):
+    """The tokenizer stored beside the model's weights (``config._name_or_path``), with a clear error if none."""
+    directory = Path(getattr(model.config, "_name_or_path", "") or ".")
+    if not (directory / "tokenizer_config.json").is_file():
+        raise ValueError(f"train: the data is a file and the model's directory ({directory}) holds no tokenizer; "
+                         "pass tokenizer=")
+    return transformers.AutoTokenizer.from_pretrained(directory)
+
+
 def train(model: nn.Module, data, config: TrainConfig, tokenizer=None, eval_data=None) -> TrainResult:
     """Train LoRA weights on ``model`` (an emulator from :func:`emloc.load_emulator`, or any causal LM).
 
@@ -344,7 +354,8 @@ def train(model: nn.Module, data, config: TrainConfig, tokenizer=None, eval_data
         data: a data file (JSONL text/messages/conversations, or .txt) or a list of examples from
             :func:`emloc.data.load_examples`.
         config: the :class:`TrainConfig`.
-        tokenizer: needed when ``data`` is a file; its pad token pads the batches.
+        tokenizer: tokenizes ``data`` when it is a file (default: the tokenizer saved with the model, e.g. in
+            the emulator directory); its pad token pads the batches.
         eval_data: held-out examples or file; by default ``config.eval_fraction`` of ``data`` is held out.
 
     With ``config.output_dir`` set, checkpoints go to ``output_dir/checkpoint-<step>`` every ``save_steps``
@@ -353,6 +364,8 @@ def train(model: nn.Module, data, config: TrainConfig, tokenizer=None, eval_data
     rank takes its share of every global batch and gradients are averaged by DDP; rank 0 writes the files.
     """
     rank, world = _world()
+    if tokenizer is None and not isinstance(data, list):
+        tokenizer = _saved_tokenizer(model)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     examples = data if isinstance(data, list) else load_examples(data, tokenizer, config.max_length)
     if eval_data is None:

@@ -334,3 +334,19 @@ def test_bad_training_data_is_named(tiny, tmp_path):
         load_examples(truncated, tokenizer, max_length=4)
     text = make_text_data(tmp_path / "text.jsonl", n=3)
     assert all(e["labels"] == e["input_ids"] for e in load_examples(text, tokenizer))
+
+
+def test_data_file_uses_the_tokenizer_saved_with_the_model(tiny, tmp_path):
+    model_dir, chat, tokenizer = tiny
+    config = TrainConfig(max_steps=1, micro_batch_size=2, grad_accum=1, lora_r=2, **TINY)
+    model = emulator(model_dir)
+    add_lora(model, r=2)
+    train(model, chat, config)  # no tokenizer given: the one in model_dir is used
+    lora_b = lora_parameters(model)[1::2]
+    assert any(bool(b.abs().sum() > 0) for b in lora_b), "no lora_b moved: the data was not trained on"
+
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    model.config._name_or_path = str(bare)
+    with pytest.raises(ValueError, match="holds no tokenizer; pass tokenizer="):
+        train(model, chat, config)
