@@ -217,11 +217,12 @@ def run_block(block: nn.Module, inputs: Iterable[BlockInput], sink: Sink) -> Non
 
 def compress_block(block: nn.Module, plan: list[list[LinearPlan]], covariances: dict[str, Tensor],
                    svd: Literal["exact", "randomized"] = "exact", seed: int = 0) -> dict[str, dict]:
-    """Replace each planned linear of ``block`` by an :class:`EmulatorLinear` in the block's dtype: one
-    whitening (eigendecomposition) per input group shared by its whitened-route linears, one output-space
-    factorisation per output-route linear. Returns ``{name: {"rank", "form", "error"}}`` where ``error`` is
-    the relative reconstruction error ``||(W - u v) X^T|| / ||W X^T||`` on the calibration data, a 0-d
-    tensor (no host sync; meta on a dry run)."""
+    """Replace each planned linear of ``block`` by an :class:`EmulatorLinear` in the block's dtype, taking the
+    smaller eigenproblem to the same optimum: output space (DESIGN 1.3b) for ``out <= in``, from the
+    accumulated output covariance or from ``W C W^T``; otherwise the whitened form, with one whitening
+    (eigendecomposition) per input group shared by its linears. Returns ``{name: {"rank", "form", "error"}}``
+    where ``error`` is the relative reconstruction error ``||(W - u v) X^T|| / ||W X^T||`` on the calibration
+    data from the factorisation's spectrum, a 0-d tensor (no host sync; meta on a dry run)."""
     reports = {}
     for group in plan:
         shared = None
@@ -231,19 +232,20 @@ def compress_block(block: nn.Module, plan: list[list[LinearPlan]], covariances: 
             generator = _generator(seed, weight.device)
             if linear.form == "output":
                 out_cov = covariances[f"out:{linear.name}"]
-                u, v = projected_lowrank(weight, out_cov, linear.rank, svd, generator=generator)
-                kept = torch.diagonal(u.T @ out_cov @ u).sum()
-                total = torch.diagonal(out_cov).sum()
-                error = ((total - kept).clamp_min(0) / total).sqrt()
+            elif linear.out_features <= linear.in_features:
+                out_cov = weight @ covariances[f"in:{group[0].name}"] @ weight.T  # Y^T Y without whitening
             else:
-                cov = covariances[f"in:{group[0].name}"]
+                out_cov = None
+            if out_cov is not None:
+                u, v, error = projected_lowrank(weight, out_cov, linear.rank, svd, generator=generator,
+                                                with_error=True)
+            else:
                 if shared is None:
-                    shared = whitening(cov)
+                    shared = whitening(covariances[f"in:{group[0].name}"])
                 # W S has the plain singular spectrum (the output route's W C W^T has its square), so the range
                 # finder takes one more power iteration to stay within 2% of the optimum on flat spectra.
-                u, v = whitened_lowrank(weight, shared, linear.rank, svd, power_iters=3, generator=generator)
-                residual = weight - u @ v
-                error = ((residual @ cov * residual).sum() / (weight @ cov * weight).sum()).clamp_min(0).sqrt()
+                u, v, error = whitened_lowrank(weight, shared, linear.rank, svd, power_iters=3, generator=generator,
+                                               with_error=True)
             dtype = module.weight.dtype
             parent, _, leaf = linear.name.rpartition(".")
             block.get_submodule(parent).register_module(

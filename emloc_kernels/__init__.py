@@ -59,6 +59,8 @@ def covariance_update(cov: Tensor, x: Tensor, mask: Tensor | None = None) -> Ten
                 f"got {mask.dtype} {tuple(mask.shape)}"
             )
         mask = mask.reshape(-1).to(x.device)
+        if mask.device.type == "cpu" and bool(mask.all()):
+            mask = None  # the reference path would gather a full copy of x to drop nothing
     ops.covariance_update(cov, x2d, mask)
     return cov
 

@@ -3,10 +3,11 @@
 Both forms give the minimiser of ``||(W - u v) X^T||_F`` over rank-r matrices (the whitened form exactly
 while ``X^T X`` is nonsingular, to within the eigenvalue clamp otherwise):
 
-* :func:`whitened_lowrank` works in input space: truncated SVD of ``W S`` where ``C = X^T X = S S^T``.
-  Best when ``m >= n``; the whitening is computed once per input group and shared by its linears.
+* :func:`whitened_lowrank` works in input space: truncated SVD of ``W S`` where ``C = X^T X = S S^T``,
+  taken from the ``n x n`` eigenproblem of ``(W S)^T W S``. Best when ``m > n``; the whitening is computed
+  once per input group and shared by its linears.
 * :func:`projected_lowrank` works in output space: ``u = P_r``, the top-r eigenvectors of the output
-  covariance ``Y^T Y = W C W^T``, and ``v = P_r^T W``. Best when ``m < n``; needs no inverse, no clamp.
+  covariance ``Y^T Y = W C W^T``, and ``v = P_r^T W``. Best when ``m <= n``; needs no inverse, no clamp.
 
 ``method="randomized"`` replaces the full SVD / eigendecomposition with a range finder (oversampling and
 power iterations), ``O(m n r)`` instead of ``O(m n min(m, n))``. The GEMMs that carry a diagonal scaling or
@@ -96,13 +97,19 @@ def whitened_lowrank(
     oversample: int = 16,
     power_iters: int = 2,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
+    with_error: bool = False,
+) -> tuple[Tensor, ...]:
     """Input-space factors ``u (m, r)``, ``v (r, n)`` with ``u v`` the best rank-r approximation of ``weight``
     under the calibration covariance (DESIGN 1.3): ``W S = P diag(sigma) R^T``, ``u = P_r diag(sqrt sigma_r)``,
     ``v = diag(sqrt sigma_r) R_r^T S^-1``. Returned in the whitening's dtype (fp32 unless it is fp64).
 
+    ``method="exact"`` takes ``R`` and ``sigma^2`` from the eigendecomposition of the ``n x n`` Gram matrix
+    ``(W S)^T W S`` (``n <= m`` is where this form is used), and ``P_r diag(sigma_r) = W S R_r``.
     ``method="randomized"`` finds the range of ``W S`` from ``rank + oversample`` Gaussian probes refined by
     ``power_iters`` power iterations (``generator`` seeds the probes).
+
+    With ``with_error`` a third value is returned: the relative reconstruction error
+    ``||(W - u v) S|| / ||W S||`` (0-d, from the spectrum; ``S S^T`` is the clamped covariance).
     """
     _check_args("whitened_lowrank", weight, rank, method, oversample, power_iters)
     if weight.shape[1] != whitening.features or weight.device != whitening.basis.device:
@@ -113,18 +120,31 @@ def whitened_lowrank(
     dtype = whitening.basis.dtype
     ws = ops.scaled_matmul(weight, whitening.basis, None, None, whitening.scale, dtype)  # W S, (m, n)
     if method == "exact":
-        left, sigma, right_t = torch.linalg.svd(ws, full_matrices=False)
-        root = sigma[:rank].sqrt()
-        u = left[:, :rank] * root
+        energies, right = torch.linalg.eigh(ws.T @ ws)  # sigma^2 ascending, R
+        right_t = right[:, -rank:].flip(-1).T
+        kept = energies[-rank:].flip(-1).clamp_min(0)
+        residual, total = energies[:-rank].clamp_min(0).sum(), energies.clamp_min(0).sum()
+        # sqrt(sigma) split evenly between u and v; the floor keeps a rank-deficient W S finite.
+        floor = kept[0] * torch.finfo(dtype).eps + torch.finfo(dtype).tiny
+        root = kept.clamp_min(floor).sqrt().sqrt()
+        u = ws @ (right_t.T / root)  # P_r diag(sigma_r) = W S R_r, rescaled to P_r diag(sqrt sigma_r)
     else:
         k = min(rank + oversample, *ws.shape)
         basis = _range_finder(lambda z: ws @ z, lambda z: ws.T @ z, ws.shape[1], k, ws, power_iters, generator)
         small_left, sigma, right_t = torch.linalg.svd(basis.T @ ws, full_matrices=False)
+        total = torch.linalg.matrix_norm(ws).square()
+        residual = total - sigma[:rank].square().sum()
         root = sigma[:rank].sqrt()
+        right_t = right_t[:rank]
         u = ops.scaled_matmul(basis, small_left[:, :rank], None, None, root, dtype)
     # v = diag(root) R_r^T diag(1 / scale) Q^T: both scalings fused into one GEMM reading Q^T in place.
-    v = ops.scaled_matmul(right_t[:rank], whitening.basis.T, root, 1.0 / whitening.scale, None, dtype)
-    return u, v
+    v = ops.scaled_matmul(right_t, whitening.basis.T, root, 1.0 / whitening.scale, None, dtype)
+    return (u, v, _relative_error(residual, total)) if with_error else (u, v)
+
+
+def _relative_error(residual: Tensor, total: Tensor) -> Tensor:
+    """``sqrt(residual / total)`` of two energies (0-d tensors), clamped at 0 against rounding."""
+    return (residual.clamp_min(0) / total).sqrt()
 
 
 def projected_lowrank(
@@ -135,13 +155,16 @@ def projected_lowrank(
     oversample: int = 16,
     power_iters: int = 2,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
+    with_error: bool = False,
+) -> tuple[Tensor, ...]:
     """Output-space factors (DESIGN 1.3b): ``u = P_r`` (m, r), the top-r eigenvectors of ``out_cov = Y^T Y``
-    (the layer's output covariance without bias), and ``v = P_r^T W`` (r, n). Returned in out_cov's dtype.
+    (the layer's output covariance without bias, or ``W C W^T``), and ``v = P_r^T W`` (r, n). Returned in
+    out_cov's dtype.
 
     Exact even when the covariance is singular (fewer calibration tokens than features): nothing is inverted.
     ``method="randomized"`` is a range finder on ``out_cov`` followed by Rayleigh-Ritz, as in
-    :func:`whitened_lowrank`.
+    :func:`whitened_lowrank`. With ``with_error`` a third value is returned: the relative reconstruction
+    error ``||(W - u v) X^T|| / ||W X^T||`` (0-d, from the eigenvalues).
     """
     _check_args("projected_lowrank", weight, rank, method, oversample, power_iters)
     m = weight.shape[0]
@@ -153,12 +176,15 @@ def projected_lowrank(
     if out_cov.device != weight.device:
         raise ValueError(f"projected_lowrank: out_cov is on {out_cov.device}, weight on {weight.device}")
     if method == "exact":
-        _, eigvecs = torch.linalg.eigh(out_cov)
+        energies, eigvecs = torch.linalg.eigh(out_cov)
         u = eigvecs[:, -rank:].flip(-1)
+        residual, total = energies[:-rank].clamp_min(0).sum(), energies.clamp_min(0).sum()
     else:
         k = min(rank + oversample, m)
         basis = _range_finder(lambda z: out_cov @ z, lambda z: out_cov @ z, m, k, out_cov, power_iters, generator)
-        _, small = torch.linalg.eigh(basis.T @ out_cov @ basis)
+        energies, small = torch.linalg.eigh(basis.T @ out_cov @ basis)
         u = basis @ small[:, -rank:].flip(-1)
+        total = torch.diagonal(out_cov).sum()
+        residual = total - energies[-rank:].sum()
     v = ops.scaled_matmul(u.T, weight, None, None, None, out_cov.dtype)
-    return u, v
+    return (u, v, _relative_error(residual, total)) if with_error else (u, v)
