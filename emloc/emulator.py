@@ -242,10 +242,7 @@ def compress_block(block: nn.Module, plan: list[list[LinearPlan]], covariances: 
             else:
                 if shared is None:
                     shared = whitening(covariances[f"in:{group[0].name}"])
-                # W S has the plain singular spectrum (the output route's W C W^T has its square), so the range
-                # finder takes one more power iteration to stay within 2% of the optimum on flat spectra.
-                u, v, error = whitened_lowrank(weight, shared, linear.rank, svd, power_iters=3, generator=generator,
-                                               with_error=True)
+                u, v, error = whitened_lowrank(weight, shared, linear.rank, svd, generator=generator, with_error=True)
             dtype = module.weight.dtype
             parent, _, leaf = linear.name.rpartition(".")
             block.get_submodule(parent).register_module(

@@ -9,8 +9,8 @@ while ``X^T X`` is nonsingular, to within the eigenvalue clamp otherwise):
 * :func:`projected_lowrank` works in output space: ``u = P_r``, the top-r eigenvectors of the output
   covariance ``Y^T Y = W C W^T``, and ``v = P_r^T W``. Best when ``m <= n``; needs no inverse, no clamp.
 
-``method="randomized"`` replaces the full SVD / eigendecomposition with a range finder (oversampling and
-power iterations), ``O(m n r)`` instead of ``O(m n min(m, n))``. The GEMMs that carry a diagonal scaling or
+``method="randomized"`` replaces the eigendecomposition of the ``k x k`` symmetric matrix (Gram or output
+covariance) with a range finder (oversampling and power iterations), ``O(k^2 r)`` instead of ``O(k^3)``. The GEMMs that carry a diagonal scaling or
 a final cast go through :func:`emloc_kernels.ops.scaled_matmul`; the factorisations stay in torch.linalg.
 """
 from __future__ import annotations
@@ -77,15 +77,14 @@ def _check_args(fn: str, weight: Tensor, rank: int, method: str, oversample: int
         raise ValueError(f"{fn}: oversample and power_iters must be >= 0, got {oversample} and {power_iters}")
 
 
-def _range_finder(apply, apply_t, n: int, k: int, like: Tensor, power_iters: int, generator) -> Tensor:
-    """Orthonormal basis (.., k) of the range of an operator on ``n``-vectors given by ``apply`` (z -> A z) and
-    ``apply_t`` (z -> A^T z): ``k`` Gaussian probes in ``like``'s dtype and device, then power iterations
-    (re-orthonormalised each step so small singular directions are not lost to rounding)."""
-    probes = torch.randn(n, k, dtype=like.dtype, device=like.device, generator=generator)
-    basis = torch.linalg.qr(apply(probes)).Q
-    for _ in range(power_iters):
-        basis = torch.linalg.qr(apply_t(basis)).Q
-        basis = torch.linalg.qr(apply(basis)).Q
+def _range_finder(sym: Tensor, k: int, power_iters: int, generator) -> Tensor:
+    """Orthonormal basis (n, k) of the dominant range of a symmetric ``sym (n, n)``: ``k`` Gaussian probes in
+    its dtype and device, then ``power_iters`` power iterations of ``sym^2`` (re-orthonormalised after each
+    product so small directions are not lost to rounding)."""
+    probes = torch.randn(sym.shape[0], k, dtype=sym.dtype, device=sym.device, generator=generator)
+    basis = torch.linalg.qr(sym @ probes).Q
+    for _ in range(2 * power_iters):
+        basis = torch.linalg.qr(sym @ basis).Q
     return basis
 
 
@@ -105,8 +104,9 @@ def whitened_lowrank(
 
     ``method="exact"`` takes ``R`` and ``sigma^2`` from the eigendecomposition of the ``n x n`` Gram matrix
     ``(W S)^T W S`` (``n <= m`` is where this form is used), and ``P_r diag(sigma_r) = W S R_r``.
-    ``method="randomized"`` finds the range of ``W S`` from ``rank + oversample`` Gaussian probes refined by
-    ``power_iters`` power iterations (``generator`` seeds the probes).
+    ``method="randomized"`` replaces that eigendecomposition with a range finder on the Gram matrix from
+    ``rank + oversample`` Gaussian probes refined by ``power_iters`` power iterations (``generator`` seeds
+    the probes), then Rayleigh-Ritz.
 
     With ``with_error`` a third value is returned: the relative reconstruction error
     ``||(W - u v) S|| / ||W S||`` (0-d, from the spectrum; ``S S^T`` is the clamped covariance).
@@ -119,27 +119,31 @@ def whitened_lowrank(
         )
     dtype = whitening.basis.dtype
     ws = ops.scaled_matmul(weight, whitening.basis, None, None, whitening.scale, dtype)  # W S, (m, n)
-    if method == "exact":
-        energies, right = torch.linalg.eigh(ws.T @ ws)  # sigma^2 ascending, R
-        right_t = right[:, -rank:].flip(-1).T
-        kept = energies[-rank:].flip(-1).clamp_min(0)
-        residual, total = energies[:-rank].clamp_min(0).sum(), energies.clamp_min(0).sum()
-        # sqrt(sigma) split evenly between u and v; the floor keeps a rank-deficient W S finite.
-        floor = kept[0] * torch.finfo(dtype).eps + torch.finfo(dtype).tiny
-        root = kept.clamp_min(floor).sqrt().sqrt()
-        u = ws @ (right_t.T / root)  # P_r diag(sigma_r) = W S R_r, rescaled to P_r diag(sqrt sigma_r)
-    else:
-        k = min(rank + oversample, *ws.shape)
-        basis = _range_finder(lambda z: ws @ z, lambda z: ws.T @ z, ws.shape[1], k, ws, power_iters, generator)
-        small_left, sigma, right_t = torch.linalg.svd(basis.T @ ws, full_matrices=False)
-        total = torch.linalg.matrix_norm(ws).square()
-        residual = total - sigma[:rank].square().sum()
-        root = sigma[:rank].sqrt()
-        right_t = right_t[:rank]
-        u = ops.scaled_matmul(basis, small_left[:, :rank], None, None, root, dtype)
+    kept, right, error = _top_eigen(ws.T @ ws, rank, method, oversample, power_iters, generator)  # sigma^2, R
+    # sqrt(sigma) split evenly between u and v; the floor keeps a rank-deficient W S finite.
+    root = kept.clamp_min(kept[0] * torch.finfo(dtype).eps + torch.finfo(dtype).tiny).sqrt().sqrt()
+    u = ws @ (right / root)  # P_r diag(sigma_r) = W S R_r, rescaled to P_r diag(sqrt sigma_r)
     # v = diag(root) R_r^T diag(1 / scale) Q^T: both scalings fused into one GEMM reading Q^T in place.
-    v = ops.scaled_matmul(right_t, whitening.basis.T, root, 1.0 / whitening.scale, None, dtype)
-    return (u, v, _relative_error(residual, total)) if with_error else (u, v)
+    v = ops.scaled_matmul(right.T, whitening.basis.T, root, 1.0 / whitening.scale, None, dtype)
+    return (u, v, error) if with_error else (u, v)
+
+
+def _top_eigen(sym: Tensor, rank: int, method: Method, oversample: int, power_iters: int,
+               generator) -> tuple[Tensor, Tensor, Tensor]:
+    """The top ``rank`` eigenvalues (descending, clamped at 0) and eigenvectors ``(n, rank)`` of a symmetric
+    positive semi-definite ``sym (n, n)``, and ``sqrt(energy outside them / trace)``. ``method="randomized"``
+    is a range finder on ``sym`` followed by Rayleigh-Ritz."""
+    if method == "exact":
+        energies, vectors = torch.linalg.eigh(sym)
+        residual, total = energies[:-rank].clamp_min(0).sum(), energies.clamp_min(0).sum()
+    else:
+        k = min(rank + oversample, sym.shape[0])
+        basis = _range_finder(sym, k, power_iters, generator)
+        energies, small = torch.linalg.eigh(basis.T @ sym @ basis)
+        vectors = basis @ small[:, -rank:]
+        total = torch.diagonal(sym).sum()
+        residual = total - energies[-rank:].sum()
+    return energies[-rank:].flip(-1).clamp_min(0), vectors[:, -rank:].flip(-1), _relative_error(residual, total)
 
 
 def _relative_error(residual: Tensor, total: Tensor) -> Tensor:
@@ -162,8 +166,7 @@ def projected_lowrank(
     out_cov's dtype.
 
     Exact even when the covariance is singular (fewer calibration tokens than features): nothing is inverted.
-    ``method="randomized"`` is a range finder on ``out_cov`` followed by Rayleigh-Ritz, as in
-    :func:`whitened_lowrank`. With ``with_error`` a third value is returned: the relative reconstruction
+    ``method="randomized"`` is a range finder on ``out_cov`` followed by Rayleigh-Ritz. With ``with_error`` a third value is returned: the relative reconstruction
     error ``||(W - u v) X^T|| / ||W X^T||`` (0-d, from the eigenvalues).
     """
     _check_args("projected_lowrank", weight, rank, method, oversample, power_iters)
@@ -175,16 +178,6 @@ def projected_lowrank(
         )
     if out_cov.device != weight.device:
         raise ValueError(f"projected_lowrank: out_cov is on {out_cov.device}, weight on {weight.device}")
-    if method == "exact":
-        energies, eigvecs = torch.linalg.eigh(out_cov)
-        u = eigvecs[:, -rank:].flip(-1)
-        residual, total = energies[:-rank].clamp_min(0).sum(), energies.clamp_min(0).sum()
-    else:
-        k = min(rank + oversample, m)
-        basis = _range_finder(lambda z: out_cov @ z, lambda z: out_cov @ z, m, k, out_cov, power_iters, generator)
-        energies, small = torch.linalg.eigh(basis.T @ out_cov @ basis)
-        u = basis @ small[:, -rank:].flip(-1)
-        total = torch.diagonal(out_cov).sum()
-        residual = total - energies[-rank:].sum()
+    _, u, error = _top_eigen(out_cov, rank, method, oversample, power_iters, generator)
     v = ops.scaled_matmul(u.T, weight, None, None, None, out_cov.dtype)
-    return (u, v, _relative_error(residual, total)) if with_error else (u, v)
+    return (u, v, error) if with_error else (u, v)
