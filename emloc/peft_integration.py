@@ -53,8 +53,8 @@ class EmulatorLoraLayer(nn.Module, LoraLayer):
         return result
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise NotImplementedError("an EmulatorLinear has no dense weight to merge LoRA into; correct the adapter "
-                                  "(emloc.correct_lora) and merge it into the original model (emloc.export)")
+        raise TypeError("an EmulatorLinear has no dense weight to merge LoRA into; correct the adapter "
+                        "(emloc.correct_lora) and merge it into the original model (emloc.export)")
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()

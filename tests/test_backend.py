@@ -159,3 +159,14 @@ def test_float64_ops_run_the_reference_under_the_interpreter(env):
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, a @ b, rtol=1e-12, atol=0)
     torch.testing.assert_close(cov, x.double().T @ x.double(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"])
+def test_upcast_dot_only_for_bf16_in_the_interpreter(monkeypatch, interpret):
+    from emloc_kernels.triton.common import upcast_dot
+
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    bf16, fp16, fp32 = (torch.ones(2, dtype=d) for d in (torch.bfloat16, torch.float16, torch.float32))
+    assert upcast_dot(fp32, bf16, None) is (interpret == "1")
+    assert upcast_dot(fp16, fp32, None) is False
+    assert upcast_dot() is False
