@@ -127,23 +127,24 @@ def _covariance_sizes(stack: BlockStack, ratio: float) -> list[int]:
 
 
 def decomposition_bytes(linear: Linear, r: int, method: str) -> int:
-    """Working set of factoring one linear (``compress_block``): the fp32 weight, the factorisation and its
-    library workspace, the fp32 factors, and the reconstruction-error products (``m x n`` fp32 each)."""
+    """Working set of factoring one linear (``compress_block``): the fp32 weight, the symmetric eigenproblem
+    its route solves (with the library workspace, or the range finder's probes), and the fp32 factors.
+    Reconstruction errors come from the spectrum, so they cost nothing here."""
     m, n = linear.out_features, linear.in_features
     dense = FP32 * m * n
-    if m < n:  # output route: eigenvectors of the m x m output covariance, v = u^T W
+    factors = FP32 * r * (m + n)
+
+    def eigenproblem(size: int) -> int:  # top-r eigenpairs of a size x size PSD matrix
         if method == "exact":
-            solve = FP32 * m * m + eigh_workspace_bytes(m)
-        else:
-            solve = 3 * FP32 * m * (r + 16)
-        return dense + solve + FP32 * r * (m + n)
-    # whitened route: W S, its SVD and workspace, then (W - u v) C * (W - u v) for the error; the previous
-    # linear's fp32 weight and residual are still referenced when the next one starts
-    basis = FP32 * n * n
-    if method == "exact":
-        k = min(m, n)
-        return 3 * dense + FP32 * (m * k + k * n) + svd_workspace_bytes(m, n) + basis
-    return 4 * dense + basis
+            return FP32 * size * size + eigh_workspace_bytes(size)
+        return 3 * FP32 * size * min(r + 16, size)
+
+    if m < n:  # output route from the accumulated m x m output covariance
+        return dense + eigenproblem(m) + factors
+    if m == n:  # output route from W C W^T: W C (m x n), then the m x m product and its eigenproblem
+        return dense + FP32 * m * m + max(dense, eigenproblem(m)) + factors
+    # whitened route: the group's basis S (n x n), W S (m x n), its n x n Gram matrix and eigenproblem
+    return 2 * dense + 2 * FP32 * n * n + eigenproblem(n) + factors
 
 
 def _calibration_activation_bytes(stack: BlockStack, tokens: int, B: int) -> int:
