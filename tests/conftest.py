@@ -43,3 +43,10 @@ def seed():
     value = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(value)
     return value
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    """Run the ops on the torch reference. For model-level tests: the Triton kernels are compared with the
+    reference in their own tests, and in the CPU interpreter they would make model-level tests minutes long."""
+    monkeypatch.setenv("EMLOC_BACKEND", "torch")

@@ -114,10 +114,9 @@ def test_baseline_writes_emulator_weights(tiny_model, tmp_path, seed):
         assert torch.equal(saved[name], original[name]), name
 
 
-def test_baseline_agrees_with_emloc_build(tmp_path, monkeypatch):
+def test_baseline_agrees_with_emloc_build(torch_backend, tmp_path):
     """On the same calibration tokens, the baseline's ``u v`` equal those of emloc's exact build (1e-4
     relative, fp32), through both of emloc's routes: whitened (q, o, gate, up) and output-space (k, v, down)."""
-    monkeypatch.setenv("EMLOC_BACKEND", "torch")  # the math is compared here; kernels have their own tests
     workload = Workload(num_layers=2, hidden_size=48, intermediate_size=100, num_heads=4, num_kv_heads=2,
                         vocab_size=512, samples=8, max_length=40)  # 320 tokens over a 508-word vocabulary
     model, data = workload.create(tmp_path)

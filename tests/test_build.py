@@ -19,11 +19,7 @@ from emloc_kernels import covariance_update
 from checkpoints import ARCHITECTURES, make_chat_data, make_checkpoint, make_config, make_text_data
 from utils import assert_close
 
-@pytest.fixture(autouse=True)
-def torch_kernels(monkeypatch):
-    """The pipeline runs on the torch reference ops: the Triton kernels have their own tests against it,
-    and in the CPU interpreter they would make these model-level tests minutes long."""
-    monkeypatch.setenv("EMLOC_BACKEND", "torch")
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 SAMPLES, MAX_LENGTH, BATCH = 6, 48, 3

@@ -25,8 +25,7 @@ def stacked(adapter: LoraAdapter) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process(tmp_path, monkeypatch):
-    monkeypatch.setenv("EMLOC_BACKEND", "torch")
+def test_two_process_ddp_matches_one_process(torch_backend, tmp_path):
     model_dir = make_checkpoint(tmp_path / "model", "llama")
     data = make_chat_data(tmp_path / "chat.jsonl", n=20, seed=2)
     emulator = build_emulator(model_dir, data, tmp_path / "emulator", 0.4, device="cpu", progress=False)

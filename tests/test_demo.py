@@ -110,12 +110,11 @@ def test_shipped_checkpoints_load_are_pretrained_and_as_documented(demo_tokenize
         assert abs(linear[spec.name] / linear[DEFAULT.name] - ratio) < 0.05 * ratio + 0.02
 
 
-def test_miniature_comparison_runs_end_to_end(monkeypatch, tmp_path, demo_tokenizer):
+def test_miniature_comparison_runs_end_to_end(torch_backend, tmp_path, demo_tokenizer):
     from emloc.demo.compare import EMLOC, ROWS, SMALLER, UNCORRECTED, Settings, compare
     from emloc.demo.diagnose import adapter_agreement, corrected_layer_error
     from emloc.demo.report import format_table, plot, summarize
 
-    monkeypatch.setenv("EMLOC_BACKEND", "torch")  # the interpreted kernels are tested elsewhere; keep this fast
     settings = Settings(ratios=(0.25,), seeds=(0, 1), steps=2, batch_size=4, calibration_samples=8,
                         task=TaskConfig(train_size=24, test_size=12))
     runs = compare(settings, tmp_path / "work")

@@ -19,9 +19,7 @@ from emloc.lora import LoraAdapter, add_lora, lora_modules
 from utils import assert_close
 
 
-@pytest.fixture(autouse=True)
-def torch_kernels(monkeypatch):
-    monkeypatch.setenv("EMLOC_BACKEND", "torch")
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 @pytest.fixture(scope="module")

@@ -115,10 +115,9 @@ def _tiny_emulator(config: dict, ratio: float, r: int):
     return model.train()
 
 
-def test_tracker_matches_cpu_allocator_on_a_real_training_step(monkeypatch, seed):
+def test_tracker_matches_cpu_allocator_on_a_real_training_step(torch_backend, seed):
     # The tracker does not see temporaries a kernel allocates internally (about 8% of this tiny step's peak;
     # less at full size, where the outputs it does see are large).
-    monkeypatch.setenv("EMLOC_BACKEND", "torch")
     config = {**tiny_config("qwen2", seed), "hidden_size": 160, "head_dim": 40, "intermediate_size": 263,
               "vocab_size": 1531}
     model = _tiny_emulator(config, 0.4, 4)
@@ -142,8 +141,7 @@ def test_tracker_matches_cpu_allocator_on_a_real_training_step(monkeypatch, seed
 
 
 @pytest.mark.parametrize("method", ["exact", "randomized"])
-def test_tracker_matches_cpu_allocator_on_a_real_block_construction(monkeypatch, seed, method):
-    monkeypatch.setenv("EMLOC_BACKEND", "torch")
+def test_tracker_matches_cpu_allocator_on_a_real_block_construction(torch_backend, seed, method):
     config = {**tiny_config("qwen2", seed), "hidden_size": 96, "head_dim": 24, "intermediate_size": 263}
     cfg = dry_run._language_config(config, layers=1)
     cfg._attn_implementation = "sdpa"

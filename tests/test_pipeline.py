@@ -21,9 +21,7 @@ TRAIN = ["--steps", "6", "--batch", "2", "--accum", "1", "--lr", "0.02", "--max-
          "64", "--lora-r", "4", "--lora-alpha", "16", "--save-steps", "3", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def torch_kernels(monkeypatch):
-    monkeypatch.setenv("EMLOC_BACKEND", "torch")
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 @pytest.fixture(scope="module")

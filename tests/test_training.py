@@ -26,9 +26,7 @@ from utils import assert_close, non_contiguous
 TINY = {"max_length": 256, "progress": False, "lm_head_chunk": 37, "eval_fraction": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def torch_kernels(monkeypatch):
-    monkeypatch.setenv("EMLOC_BACKEND", "torch")
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 @pytest.fixture(scope="module")
