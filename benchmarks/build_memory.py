@@ -84,15 +84,16 @@ def largest_unit(model: Path) -> tuple[str, int]:
     return name, units[name]
 
 
-def measure(widths: Workload, layers: tuple[int, ...], directory: Path) -> list[dict]:
-    """Peak RSS of emloc's build for each block count, and of the baseline on the smallest model."""
+def measure(widths: Workload, layers: tuple[int, ...], directory: Path, baseline: bool = True) -> list[dict]:
+    """Peak RSS of emloc's build for each block count, and (unless ``baseline`` is False) of the baseline on
+    the smallest model."""
     rows = []
     for count in layers:
         workload = dataclasses.replace(widths, num_layers=count)
         model, data = workload.create(directory / f"{count}-blocks")
         unit, unit_bytes = largest_unit(model)
         activations = workload.samples * workload.max_length * workload.hidden_size * 4
-        for builder in BUILDERS if count == min(layers) else ("emloc",):
+        for builder in BUILDERS if count == min(layers) and baseline else ("emloc",):
             result = run_child(builder, model, data, directory / f"{count}-{builder}", workload)
             rows.append({"blocks": count, "builder": builder, "unit": unit, "unit_bytes": unit_bytes,
                          "activations": activations, "bound": 2 * unit_bytes + activations, **result})
@@ -134,6 +135,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default OMP_NUM_THREADS or 1)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the baseline build (it loads the whole model: slow and large at wide shapes)")
     args = parser.parse_args()
     require_compiled_backend()
     set_threads(args.threads)
@@ -145,7 +148,8 @@ def main() -> None:
     widths = Workload(hidden_size=args.hidden, intermediate_size=args.mlp, samples=args.samples,
                       max_length=args.max_length)
     with tempfile.TemporaryDirectory(prefix="emloc-build-memory-") as directory:
-        print(report(widths, measure(widths, tuple(sorted(args.layers)), Path(directory))))
+        rows = measure(widths, tuple(sorted(args.layers)), Path(directory), baseline=not args.no_baseline)
+        print(report(widths, rows))
 
 
 if __name__ == "__main__":

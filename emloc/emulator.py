@@ -15,14 +15,12 @@ inputs and its covariances, avoid host syncs on the per-token path, and run on m
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ from tqdm.auto import tqdm
 
 from emloc_kernels import covariance_update, projected_lowrank, whitened_lowrank, whitening
 
-from . import models
+from . import hostmem, models
 from .calibration import CalibrationBatch, CalibrationError, load_texts, make_batches, tokenize_samples
 from .layers import EmulatorLinear
 from .streaming import CheckpointIndex, atomic_write, key_mapping, materialize, release
@@ -222,7 +220,10 @@ def compress_block(block: nn.Module, plan: list[list[LinearPlan]], covariances: 
     accumulated output covariance or from ``W C W^T``; otherwise the whitened form, with one whitening
     (eigendecomposition) per input group shared by its linears. Returns ``{name: {"rank", "form", "error"}}``
     where ``error`` is the relative reconstruction error ``||(W - u v) X^T|| / ||W X^T||`` on the calibration
-    data from the factorisation's spectrum, a 0-d tensor (no host sync; meta on a dry run)."""
+    data from the factorisation's spectrum, a 0-d tensor (no host sync; meta on a dry run).
+
+    Consumes ``covariances``: each is removed from the dict once its linears are done, so that its memory
+    goes back before the next group's factorisation."""
     reports = {}
     for group in plan:
         shared = None
@@ -231,7 +232,7 @@ def compress_block(block: nn.Module, plan: list[list[LinearPlan]], covariances: 
             weight = module.weight.float()
             generator = _generator(seed, weight.device)
             if linear.form == "output":
-                out_cov = covariances[f"out:{linear.name}"]
+                out_cov = covariances.pop(f"out:{linear.name}")
             elif linear.out_features <= linear.in_features:
                 out_cov = weight @ covariances[f"in:{group[0].name}"] @ weight.T  # Y^T Y without whitening
             else:
@@ -248,6 +249,7 @@ def compress_block(block: nn.Module, plan: list[list[LinearPlan]], covariances: 
             block.get_submodule(parent).register_module(
                 leaf, EmulatorLinear.from_factors(u.to(dtype), v.to(dtype), module.bias))
             reports[linear.name] = {"rank": linear.rank, "form": linear.form, "error": error}
+        covariances.pop(f"in:{group[0].name}", None)
     return reports
 
 
@@ -611,6 +613,7 @@ def build_emulator(
                 covariances = calibrate_block(block, plan[index], _counted(inputs(), bar),
                                               sink=sink if propagate == "original" else None)
                 check_finite(covariances, sink.all_finite(), name)
+                hostmem.return_freed_memory()  # the pass's transients, before the factorisations allocate
                 reports = compress_block(block, plan[index], covariances, svd, seed=seed + index)
                 del covariances
                 if propagate == "emulator":
@@ -622,29 +625,11 @@ def build_emulator(
                     for local, r in reports.items()}})
             bar.close()
             release(block)
-            _return_freed_memory()
+            hostmem.return_freed_memory()
         _finish(output_dir, source, manifest, tokenizer, total)
     finally:
         store.close()
     return output_dir
-
-
-def _glibc():
-    try:
-        return ctypes.CDLL("libc.so.6") if sys.platform == "linux" else None
-    except OSError:  # another C library (musl): nothing to trim
-        return None
-
-
-_LIBC = _glibc()
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap pages a finished block freed back to the OS. glibc raises its mmap threshold after the
-    first large free, so later block-sized buffers come from the heap and stay there once freed: without the
-    trim, the peak RSS above the start grew with the number of blocks (48 blocks: 4.6x the 12-block figure)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 class _FiniteSink:

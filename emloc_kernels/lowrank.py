@@ -103,7 +103,8 @@ def whitened_lowrank(
     ``v = diag(sqrt sigma_r) R_r^T S^-1``. Returned in the whitening's dtype (fp32 unless it is fp64).
 
     ``method="exact"`` takes ``R`` and ``sigma^2`` from the eigendecomposition of the ``n x n`` Gram matrix
-    ``(W S)^T W S`` (``n <= m`` is where this form is used), and ``P_r diag(sigma_r) = W S R_r``.
+    ``(W S)^T W S``, formed as ``S^T (W^T W) S`` (``n <= m`` is where this form is used), and
+    ``P_r diag(sigma_r) = W (S R_r)``; the ``m x n`` product ``W S`` is never materialised.
     ``method="randomized"`` replaces that eigendecomposition with a range finder on the Gram matrix from
     ``rank + oversample`` Gaussian probes refined by ``power_iters`` power iterations (``generator`` seeds
     the probes), then Rayleigh-Ritz.
@@ -117,14 +118,19 @@ def whitened_lowrank(
             f"whitened_lowrank: weight ({weight.shape[1]} input features, on {weight.device}) does not fit the "
             f"whitening ({whitening.features} features, on {whitening.basis.device})"
         )
-    dtype = whitening.basis.dtype
-    ws = ops.scaled_matmul(weight, whitening.basis, None, None, whitening.scale, dtype)  # W S, (m, n)
-    kept, right, error = _top_eigen(ws.T @ ws, rank, method, oversample, power_iters, generator)  # sigma^2, R
+    dtype, basis, scale = whitening.basis.dtype, whitening.basis, whitening.scale
+    # (W S)^T W S = diag(s) Q^T (W^T W) Q diag(s): from the symmetric n x n W^T W, never the m x n W S
+    weight_gram = torch.zeros(whitening.features, whitening.features, dtype=dtype, device=weight.device)
+    ops.covariance_update(weight_gram, weight, None)
+    gram = ops.scaled_matmul(basis.T, weight_gram @ basis, scale, None, scale, dtype)
+    del weight_gram
+    kept, right, error = _top_eigen(gram, rank, method, oversample, power_iters, generator)  # sigma^2, R
     # sqrt(sigma) split evenly between u and v; the floor keeps a rank-deficient W S finite.
     root = kept.clamp_min(kept[0] * torch.finfo(dtype).eps + torch.finfo(dtype).tiny).sqrt().sqrt()
-    u = ws @ (right / root)  # P_r diag(sigma_r) = W S R_r, rescaled to P_r diag(sqrt sigma_r)
+    # u = W S R_r diag(1 / root) = P_r diag(sqrt sigma_r): S R_r first (n, r), then one GEMM with W
+    u = ops.scaled_matmul(weight, ops.scaled_matmul(basis, right, None, scale, 1.0 / root, dtype), None, None, None, dtype)
     # v = diag(root) R_r^T diag(1 / scale) Q^T: both scalings fused into one GEMM reading Q^T in place.
-    v = ops.scaled_matmul(right.T, whitening.basis.T, root, 1.0 / whitening.scale, None, dtype)
+    v = ops.scaled_matmul(right.T, basis.T, root, 1.0 / scale, None, dtype)
     return (u, v, error) if with_error else (u, v)
 
 

@@ -14,12 +14,25 @@ def accumulation_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def covariance_update(cov: Tensor, x: Tensor, mask: Tensor | None = None) -> Tensor:
-    """``cov += x_sel^T x_sel`` in place; ``x_sel`` holds the rows of ``x (T, n)`` where ``mask (T,)`` is True."""
+def covariance_update(cov: Tensor, x: Tensor, mask: Tensor | None = None, panel: int = 128) -> Tensor:
+    """``cov += x_sel^T x_sel`` in place; ``x_sel`` holds the rows of ``x (T, n)`` where ``mask (T,)`` is True.
+
+    The update is symmetric, so, as in the kernel, only its upper triangle is computed, in row panels of
+    ``panel`` features from the diagonal to the last column, and each panel's off-diagonal part is added
+    below the diagonal too: about half the FLOPs of one full GEMM on wide inputs.
+    """
     if mask is not None:
         x = x[mask]
     x = x.to(cov.dtype)
-    return cov.addmm_(x.T, x)
+    n = x.shape[1]
+    if n <= panel:
+        return cov.addmm_(x.T, x)
+    for start in range(0, n, panel):
+        stop = min(start + panel, n)
+        rows = x[:, start:stop].T @ x[:, start:]  # update rows start:stop, columns start:
+        cov[start:stop, start:] += rows
+        cov[stop:, start:stop] += rows[:, stop - start:].T
+    return cov
 
 
 def scaled_matmul(

@@ -198,9 +198,11 @@ def test_down_projection_never_allocates_its_input_covariance():
     with _Shapes() as recorder:
         outputs = []
         covariances = calibrate_block(block, plan[0], [item, item], sink=lambda slot, out: outputs.append(out))
+        accumulated = list(covariances)
         compress_block(block, plan[0], covariances)
     assert (352, 352) not in recorder.shapes and (64, 64) in recorder.shapes
-    assert list(covariances) == ["out:mlp.down_proj"] and outputs[0].shape == (2, tokens, 64)
+    assert accumulated == ["out:mlp.down_proj"] and outputs[0].shape == (2, tokens, 64)
+    assert covariances == {}, "compress_block keeps covariances it no longer needs"
     down = block.mlp.down_proj
     assert isinstance(down, emloc.EmulatorLinear) and down.v.shape == (int(0.4 * 64 * 352 / 416), 352)
 

@@ -301,16 +301,20 @@ def test_singular_covariance_gives_finite_factors_and_projected_stays_optimal(se
 
 
 def test_factors_run_the_triton_kernel(monkeypatch, triton_backend):
-    """Every GEMM of the fp32 factor construction goes through the Triton launcher."""
+    """Every scaled GEMM and the W^T W of the fp32 factor construction go through the Triton launchers."""
+    from emloc_kernels.triton import covariance
     from emloc_kernels.triton import lowrank as kernels
 
-    calls = []
-    launcher = kernels.scaled_matmul
-    monkeypatch.setattr(kernels, "scaled_matmul", lambda *args: calls.append(args) or launcher(*args))
+    calls = {"scaled_matmul": [], "covariance_update": []}
+    for module, name in ((kernels, "scaled_matmul"), (covariance, "covariance_update")):
+        launcher = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, _l=launcher, _n=name: calls[_n].append(args) or _l(*args))
     w, x = _layer(12, 9, 30, torch.Generator().manual_seed(0))
     _factors("whitened", w, x, 3, torch.float32)
     _factors("projected", w, x, 3, torch.float32)
-    assert len(calls) == 3, f"expected W S, v (whitened) and v (projected) from the kernel, got {len(calls)} calls"
+    # whitened: the Gram sandwich, S R, u and v; projected: v
+    assert len(calls["scaled_matmul"]) == 5, f"expected 5 scaled GEMMs from the kernel, got {len(calls['scaled_matmul'])}"
+    assert len(calls["covariance_update"]) == 1, "W^T W did not run the covariance kernel"
 
 
 @pytest.mark.parametrize("call, message", [
