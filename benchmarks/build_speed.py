@@ -6,7 +6,8 @@ thread, the CPU time is what the build costs, whatever else the machine runs). T
 the speed-up of each median over the baseline's, and the check that makes the comparison fair: the largest relative difference of the ``u v`` products from the
 baseline's (exact), and the reconstruction error over the exact optimum's (randomized).
 
-    OMP_NUM_THREADS=1 python benchmarks/build_speed.py --layers 4 --rounds 3
+    OMP_NUM_THREADS=1 python benchmarks/build_speed.py                  # the flagship's proportions
+    OMP_NUM_THREADS=1 python benchmarks/build_speed.py --mlp 3584       # Llama-3-8B's
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from build_workload import (Workload, emulator_factors, error_ratios, product_error, require_compiled_backend,
-                            run_baseline, run_ours, set_threads)
+from build_workload import (FLAGSHIP_PROPORTIONS, Workload, emulator_factors, error_ratios, product_error,
+                            require_compiled_backend, run_baseline, run_ours, set_threads)
 
 TARGETS = {"exact": 3.0, "randomized": 6.0}
 
@@ -79,19 +80,20 @@ def report(workload: Workload, result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = Workload()
+    defaults = FLAGSHIP_PROPORTIONS
     parser.add_argument("--layers", type=int, default=defaults.num_layers)
     parser.add_argument("--hidden", type=int, default=defaults.hidden_size)
     parser.add_argument("--mlp", type=int, default=defaults.intermediate_size)
     parser.add_argument("--samples", type=int, default=defaults.samples)
     parser.add_argument("--max-length", type=int, default=defaults.max_length)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default OMP_NUM_THREADS or 1)")
     args = parser.parse_args()
     require_compiled_backend()
     set_threads(args.threads)
     workload = Workload(num_layers=args.layers, hidden_size=args.hidden, intermediate_size=args.mlp,
-                        samples=args.samples, max_length=args.max_length)
+                        samples=args.samples, max_length=args.max_length, batch_size=args.batch_size)
     with tempfile.TemporaryDirectory(prefix="emloc-build-speed-") as directory:
         print(report(workload, measure(workload, args.rounds, Path(directory))))
 

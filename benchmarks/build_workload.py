@@ -40,6 +40,7 @@ class Workload:
     vocab_size: int = 4096
     samples: int = 64
     max_length: int = 128
+    batch_size: int = 4  # calibration samples per forward (build_emulator's default), the same for both builds
 
     def describe(self) -> str:
         return (f"Llama-shaped, {self.num_layers} blocks, hidden {self.hidden_size}, MLP {self.intermediate_size}, "
@@ -59,6 +60,12 @@ class Workload:
         data = directory / "calibration.jsonl"
         data.write_text("".join(json.dumps(row) + "\n" for row in rows))
         return model, data
+
+
+# The language model of InternVL2.5-38B, the library's flagship (Qwen2.5-32B: hidden 5120, MLP 27648, 5.4x),
+# at hidden 1024; and Llama-3-8B's proportions (hidden 4096, MLP 14336, 3.5x) at the same width.
+FLAGSHIP_PROPORTIONS = Workload(num_layers=2, hidden_size=1024, intermediate_size=5504)
+LLAMA3_PROPORTIONS = Workload(num_layers=2, hidden_size=1024, intermediate_size=3584)
 
 
 def write_word_tokenizer(directory: Path, vocab_size: int) -> list[str]:
@@ -88,8 +95,7 @@ def require_compiled_backend() -> None:
         raise RuntimeError("build benchmarks need TRITON_INTERPRET unset or 0 (the CPU runs the torch reference)")
 
 
-def calibration_batches(model: Path, data: Path, workload: Workload,
-                        batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def calibration_batches(model: Path, data: Path, workload: Workload) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The calibration tokens emloc's build uses, as padded ``(input_ids, attention_mask)`` batches."""
     from transformers import AutoTokenizer
 
@@ -97,7 +103,7 @@ def calibration_batches(model: Path, data: Path, workload: Workload,
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     samples = tokenize_samples(load_texts(data, tokenizer, workload.samples), tokenizer, workload.max_length)
-    return [(b.input_ids, b.attention_mask) for b in make_batches(samples, batch_size, tokenizer.pad_token_id)]
+    return [(b.input_ids, b.attention_mask) for b in make_batches(samples, workload.batch_size, tokenizer.pad_token_id)]
 
 
 def run_baseline(model: Path, data: Path, output: Path | None, workload: Workload) -> dict[str, LowRank]:
@@ -110,8 +116,8 @@ def run_ours(model: Path, data: Path, output: Path, workload: Workload, svd: str
     from emloc import build_emulator
 
     return build_emulator(model, data, output, RATIO, device="cpu", dtype=torch.float32,
-                          max_samples=workload.samples, max_length=workload.max_length, svd=svd,
-                          resume=False, overwrite=True)
+                          max_samples=workload.samples, max_length=workload.max_length,
+                          batch_size=workload.batch_size, svd=svd, resume=False, overwrite=True)
 
 
 def emulator_factors(emulator: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import pytest
 
-from build_workload import (Workload, emulator_factors, error_ratios, product_error, require_compiled_backend,
-                            run_baseline, run_ours, set_threads)
+from build_workload import (FLAGSHIP_PROPORTIONS, emulator_factors, error_ratios, product_error,
+                            require_compiled_backend, run_baseline, run_ours, set_threads)
 
-WORKLOAD = Workload()
+WORKLOAD = FLAGSHIP_PROPORTIONS
 ROUNDS = 3
 SPEEDUP_TARGETS = {"exact": 3.0, "randomized": 6.0}
 ERROR_RATIO_BOUND = 1.02  # randomized reconstruction error over the exact optimum's

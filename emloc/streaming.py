@@ -18,13 +18,17 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-__all__ = ["CheckpointError", "CheckpointIndex", "atomic_write", "key_mapping", "materialize", "release"]
+__all__ = ["CheckpointError", "CheckpointIndex", "atomic_write", "key_mapping", "materialize", "read_tensors", "release"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 class CheckpointError(RuntimeError):
@@ -65,16 +69,14 @@ class CheckpointIndex:
         return key in self.weight_map
 
     def _keys_of(self, file: str) -> list[str]:
-        path = self.directory / file
-        try:
-            with safe_open(path, framework="pt") as shard:
-                return list(shard.keys())
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path}: cannot read safetensors shard ({exc})") from exc
+        return [key for key in read_header(self.directory / file)[0] if key != "__metadata__"]
 
     def load(self, keys, device="cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Read ``keys`` from their shards (each shard opened once) onto ``device``, floating-point tensors
-        cast to ``dtype`` when given. Raises :class:`CheckpointError` naming the shard at fault."""
+        """Read ``keys`` from their shards onto ``device``, floating-point tensors cast to ``dtype`` when given.
+        Raises :class:`CheckpointError` naming the shard at fault.
+
+        Each tensor is read into its own host buffer (no memory map): once a caller drops a tensor, its
+        memory goes back, so a block whose linears are replaced one by one shrinks as it goes."""
         by_file: dict[str, list[str]] = {}
         for key in keys:
             if key not in self.weight_map:
@@ -82,17 +84,10 @@ class CheckpointIndex:
             by_file.setdefault(self.weight_map[key], []).append(key)
         out = {}
         for file, file_keys in by_file.items():
-            path = self.directory / file
-            try:
-                with safe_open(path, framework="pt", device="cpu") as shard:
-                    for key in file_keys:
-                        out[key] = shard.get_tensor(key)
-            except (SafetensorError, OSError, RuntimeError) as exc:
-                raise CheckpointError(f"{path}: cannot read safetensors shard ({exc})") from exc
-        for key, tensor in out.items():
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            out[key] = tensor.to(device)
+            for key, tensor in read_tensors(self.directory / file, file_keys):
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                out[key] = tensor.to(device)
         return out
 
     def content_hash(self) -> str:
@@ -107,6 +102,43 @@ class CheckpointIndex:
                 size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
                 digest.update(file.encode() + struct.pack("<Q", path.stat().st_size) + handle.read(min(size, 1 << 26)))
         return digest.hexdigest()
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of the safetensors file at ``path`` and the offset where its data begins."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < size <= os.fstat(handle.fileno()).st_size - 8:
+                raise ValueError(f"header length {size} does not fit the file")
+            header = json.loads(handle.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read safetensors shard ({exc})") from exc
+    return header, 8 + size
+
+
+def read_tensors(path: Path, keys):
+    """Yield ``(key, tensor)`` for ``keys`` of the safetensors file at ``path``, each read into a fresh host
+    tensor. Raises :class:`CheckpointError` naming the file and the tensor for anything malformed."""
+    header, data_start = read_header(path)
+    with open(path, "rb") as handle:
+        for key in keys:
+            try:
+                entry = header[key]
+                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+                start, end = entry["data_offsets"]
+                tensor = torch.empty(entry["shape"], dtype=dtype)
+                if end - start != tensor.numel() * tensor.element_size():
+                    raise ValueError(f"{end - start} bytes for shape {entry['shape']} {entry['dtype']}")
+                handle.seek(data_start + start)
+                if handle.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - start:
+                    raise ValueError("the file ends before the tensor's data")
+            except (KeyError, TypeError, ValueError, OSError) as exc:
+                raise CheckpointError(f"{path}: cannot read {key!r} ({type(exc).__name__}: {exc})") from exc
+            yield key, tensor
 
 
 def key_mapping(names, index: CheckpointIndex):

@@ -3,10 +3,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from emloc import models
-from emloc.streaming import CheckpointError, CheckpointIndex, atomic_write, key_mapping, materialize, release
+from emloc.streaming import (CheckpointError, CheckpointIndex, atomic_write, key_mapping, materialize, read_tensors,
+                             release)
 
 from checkpoints import make_checkpoint
 
@@ -108,3 +109,34 @@ def test_checkpoint_keys_with_another_prefix_map_to_module_names(tmp_path, renam
     block = materialize(models.block_stack(model)[1][1], "model.layers.1", index, key_of=key_of)
     for name, tensor in block.state_dict().items():
         assert torch.equal(tensor, state[f"model.layers.1.{name}"]), name
+
+
+def test_read_tensors_round_trips_every_dtype_into_independent_buffers(tmp_path, seed):
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        "bf16": torch.randn(7, 5, generator=generator).bfloat16(),
+        "f16": torch.randn(3, generator=generator).half(),
+        "f64": torch.randn(2, 3, 4, generator=generator, dtype=torch.float64),
+        "i64": torch.randint(-1000, 1000, (9,), generator=generator),
+        "bool": torch.rand(6, generator=generator) < 0.5,
+        "scalar": torch.tensor(3.25),
+        "empty": torch.empty(0, 4),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    loaded = dict(read_tensors(path, list(tensors)))
+    for key, expected in tensors.items():
+        assert loaded[key].dtype == expected.dtype and torch.equal(loaded[key], expected), key
+    pointers = {t.untyped_storage().data_ptr() for t in loaded.values() if t.numel()}
+    assert len(pointers) == sum(1 for t in loaded.values() if t.numel()), "tensors share one buffer: none could be freed alone"
+
+
+def test_read_tensors_names_the_file_and_tensor_of_truncated_data(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.ones(4), "b": torch.ones(1000)}, str(path))
+    path.write_bytes(path.read_bytes()[:-8])
+    assert torch.equal(dict(read_tensors(path, ["a"]))["a"], torch.ones(4))
+    with pytest.raises(CheckpointError, match=r"t\.safetensors: cannot read 'b' .*ends before"):
+        dict(read_tensors(path, ["b"]))
+    with pytest.raises(CheckpointError, match=r"t\.safetensors: cannot read 'c'"):
+        dict(read_tensors(path, ["c"]))

@@ -143,8 +143,10 @@ def decomposition_bytes(linear: Linear, r: int, method: str) -> int:
         return dense + eigenproblem(m) + factors
     if m == n:  # output route from W C W^T: W C (m x n), then the m x m product and its eigenproblem
         return dense + FP32 * m * m + max(dense, eigenproblem(m)) + factors
-    # whitened route: the group's basis S (n x n), W S (m x n), its n x n Gram matrix and eigenproblem
-    return 2 * dense + 2 * FP32 * n * n + eigenproblem(n) + factors
+    # whitened route: the group's basis S (n x n); the Gram matrix S^T (W^T W) S takes three n x n at once
+    # (W^T W, W^T W S, the result), then the Gram matrix and its eigenproblem; W S (m x n) never exists
+    square = FP32 * n * n
+    return dense + square + max(3 * square, square + eigenproblem(n)) + factors
 
 
 def _calibration_activation_bytes(stack: BlockStack, tokens: int, B: int) -> int:
