@@ -55,18 +55,24 @@ def check_forward_backward(x, params, dtype, scaling=SCALING, grad_y=None):
     y = emloc_kernels.emulator_linear(x, params["v"], params["u"], params["bias"], params["lora_a"],
                                       params["lora_b"], scaling)
     y_ref, x64, ref = reference(x, params, scaling)
+    # the same layer on absolute values: per element, the magnitude of the terms summed (see assert_close)
+    y_mag, x_mag, mag = reference(x.detach().abs().requires_grad_(x.requires_grad),
+                                  {k: None if t is None else t.detach().abs().requires_grad_(t.requires_grad)
+                                   for k, t in params.items()}, abs(scaling))
     assert y.dtype == x.dtype
-    errors = {"y": assert_close(y, y_ref, dtype, what="y")}
+    errors = {"y": assert_close(y, y_ref, dtype, what="y", magnitude=y_mag)}
     if grad_y is None:
         grad_y = torch.randn(y.shape).to(y.dtype)
     y.backward(grad_y)
     y_ref.backward(grad_y.double())
-    for name, leaf, leaf_ref in [("x", x, x64), *((k, params[k], ref[k]) for k in ("bias", "lora_a", "lora_b"))]:
+    y_mag.backward(grad_y.double().abs())
+    leaves = [("x", x, x64, x_mag), *((k, params[k], ref[k], mag[k]) for k in ("bias", "lora_a", "lora_b"))]
+    for name, leaf, leaf_ref, leaf_mag in leaves:
         if leaf is None or not leaf.requires_grad:
             continue
         assert leaf.grad is not None, f"no gradient for {name}"
         assert leaf.grad.dtype == leaf.dtype, f"grad of {name} is {leaf.grad.dtype}, expected {leaf.dtype}"
-        errors[name] = assert_close(leaf.grad, leaf_ref.grad, dtype, what=f"grad {name}")
+        errors[name] = assert_close(leaf.grad, leaf_ref.grad, dtype, what=f"grad {name}", magnitude=leaf_mag.grad)
     return errors
 
 
