@@ -50,14 +50,17 @@ def scaled_matmul(
     """
     result_dtype = out_dtype if out_dtype is not None else torch.promote_types(a.dtype, b.dtype)
     acc = accumulation_dtype(a, b)
-    a = a.to(acc)
-    if inner_scale is not None:
-        a = a * inner_scale.to(acc)
-    out = a @ b.to(acc)
-    if row_scale is not None:
-        out = out * row_scale.to(acc)[:, None]
+    a, b = a.to(acc), b.to(acc)
+    if inner_scale is not None:  # applied to the smaller operand: a scaled copy of it is the only temporary
+        if a.numel() <= b.numel():
+            a = a * inner_scale.to(acc)
+        else:
+            b = b * inner_scale.to(acc)[:, None]
+    out = a @ b
+    if row_scale is not None:  # the product is fresh: scaled in place
+        out.mul_(row_scale.to(acc)[:, None])
     if col_scale is not None:
-        out = out * col_scale.to(acc)
+        out.mul_(col_scale.to(acc))
     return out.to(result_dtype)
 
 

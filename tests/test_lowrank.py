@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from emloc_kernels import projected_lowrank, scaled_matmul, whitened_lowrank, whitening
-from utils import FLOAT_DTYPES, REL_TOL, assert_close
+from utils import FLOAT_DTYPES, REL_TOL, assert_close, non_contiguous
 
 F64 = torch.float64
 
@@ -80,6 +80,21 @@ def test_scaled_matmul_every_scale_combination(triton_backend, seed, dtype, pres
     out = scaled_matmul(a, b, *scales)
     assert out.dtype == dtype
     assert_close(out, _expected(a, b, *scales), dtype, what=f"scaled_matmul seed={seed}")
+
+
+@pytest.mark.parametrize("present", list(itertools.product((False, True), repeat=3)),
+                         ids=lambda p: "".join(n if on else "-" for n, on in zip("ric", p)))
+@pytest.mark.parametrize("shape", [(9, 40, 70), (70, 40, 9)], ids=("a-smaller", "b-smaller"))
+def test_scaled_matmul_torch_backend(torch_backend, seed, shape, present):
+    """The torch backend scales the smaller operand and the fresh product in place: the same result, and
+    its (non-contiguous) inputs untouched."""
+    m, k, n = shape
+    a, b = non_contiguous(torch.randn(m, k)), non_contiguous(torch.randn(n, k)).T
+    before = a.clone(), b.clone()
+    scales = _scales(m, k, n, present)
+    assert_close(scaled_matmul(a, b, *scales), _expected(a, b, *scales), torch.float32,
+                 what=f"scaled_matmul (torch) seed={seed}")
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1]), "scaled_matmul wrote to its inputs"
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, K, N), (M, 1, N), (M, K, 1), (65, 97, 33)], ids=str)
