@@ -1,7 +1,9 @@
 """Plain PyTorch implementations of every emloc kernel: the specification the Triton kernels are tested against.
 
 They favour clarity over speed and accumulate in fp32 (fp64 for fp64 inputs), casting only the final
-result, which is exactly what the kernels must reproduce.
+result, which is exactly what the kernels must reproduce. They are also the torch backend that builds run
+on a CPU, so where the kernel's own savings cost no clarity they keep them: the covariance computes only
+its upper triangle, and the scaled product makes no full-size temporaries.
 """
 from __future__ import annotations
 
