@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from emloc_kernels import covariance_update, projected_lowrank, whitened_lowrank, whitening
+from emloc_kernels import Whitening, covariance_update, projected_lowrank, whitened_lowrank, whitening
 
 from . import hostmem, models
 from .calibration import CalibrationBatch, CalibrationError, load_texts, make_batches, tokenize_samples
@@ -226,31 +226,38 @@ def compress_block(block: nn.Module, plan: list[list[LinearPlan]], covariances: 
     goes back before the next group's factorisation."""
     reports = {}
     for group in plan:
-        shared = None
-        for linear in group:
+        key, shared = f"in:{group[0].name}", None
+        for position, linear in enumerate(group):
             module = block.get_submodule(linear.name)
             weight = module.weight.float()
             generator = _generator(seed, weight.device)
             if linear.form == "output":
                 out_cov = covariances.pop(f"out:{linear.name}")
             elif linear.out_features <= linear.in_features:
-                out_cov = weight @ covariances[f"in:{group[0].name}"] @ weight.T  # Y^T Y without whitening
+                out_cov = weight @ covariances[key] @ weight.T  # Y^T Y without whitening
             else:
                 out_cov = None
+                if shared is None:
+                    shared = whitening(covariances[key])
+            if not any(_reads_input_covariance(later, shared) for later in group[position + 1:]):
+                covariances.pop(key, None)  # before this linear's eigenproblem: one n x n less at its peak
             if out_cov is not None:
                 u, v, error = projected_lowrank(weight, out_cov, linear.rank, svd, generator=generator,
                                                 with_error=True)
             else:
-                if shared is None:
-                    shared = whitening(covariances[f"in:{group[0].name}"])
                 u, v, error = whitened_lowrank(weight, shared, linear.rank, svd, generator=generator, with_error=True)
             dtype = module.weight.dtype
             parent, _, leaf = linear.name.rpartition(".")
             block.get_submodule(parent).register_module(
                 leaf, EmulatorLinear.from_factors(u.to(dtype), v.to(dtype), module.bias))
             reports[linear.name] = {"rank": linear.rank, "form": linear.form, "error": error}
-        covariances.pop(f"in:{group[0].name}", None)
     return reports
+
+
+def _reads_input_covariance(linear: LinearPlan, shared: Whitening | None) -> bool:
+    """Whether factoring ``linear`` still needs its group's input covariance: for ``W C W^T`` (a square
+    linear), or for the group's whitening if it is not computed yet."""
+    return linear.form == "input" and (linear.out_features <= linear.in_features or shared is None)
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator | None:
