@@ -222,8 +222,8 @@ def compress_block(block: nn.Module, plan: list[list[LinearPlan]], covariances: 
     where ``error`` is the relative reconstruction error ``||(W - u v) X^T|| / ||W X^T||`` on the calibration
     data from the factorisation's spectrum, a 0-d tensor (no host sync; meta on a dry run).
 
-    Consumes ``covariances``: each is removed from the dict once its linears are done, so that its memory
-    goes back before the next group's factorisation."""
+    Consumes ``covariances``: each is removed from the dict as soon as no remaining linear reads it, so that
+    its memory goes back before the next eigenproblem."""
     reports = {}
     for group in plan:
         key, shared = f"in:{group[0].name}", None
