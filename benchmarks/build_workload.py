@@ -30,7 +30,7 @@ RATIO = 0.4
 
 @dataclass(frozen=True)
 class Workload:
-    """A Llama-shaped model (GQA attention, MLP three times as wide) and its calibration set."""
+    """A Llama-shaped model (GQA attention; by default an MLP three times as wide) and its calibration set."""
 
     num_layers: int = 4
     hidden_size: int = 512
