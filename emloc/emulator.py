@@ -15,6 +15,7 @@ inputs and its covariances, avoid host syncs on the per-token path, and run on m
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -596,8 +597,9 @@ def build_emulator(
     units = ["outer", *(f"{source.prefix}.{i}" for i in range(blocks))]
     if (output_dir / REPORT).is_file() and all(manifest.finished(unit) for unit in units):
         return output_dir  # already complete with these settings
-    store = ActivationStore(output_dir / ".emloc-activations", host_budget or _host_budget())
-    try:
+    # glibc: the resident set follows the live buffers (hostmem); the spilled activations go at the end
+    with hostmem.large_buffers_unmapped(), contextlib.closing(
+            ActivationStore(output_dir / ".emloc-activations", host_budget or _host_budget())) as store:
         source.load_outer()
         kwargs = source.capture(batches, store)
         outer_file = _shard_name(1, total)
@@ -634,8 +636,6 @@ def build_emulator(
             release(block)
             hostmem.return_freed_memory()
         _finish(output_dir, source, manifest, tokenizer, total)
-    finally:
-        store.close()
     return output_dir
 
 
