@@ -527,6 +527,7 @@ def _calibration_batches(data, tokenizer, max_samples, max_length, batch_size, s
     return make_batches(samples, batch_size, pad)
 
 
+@hostmem.large_buffers_unmapped()  # from the start: a heap grown before would serve large buffers
 def build_emulator(
     model_path,
     data,
@@ -597,9 +598,7 @@ def build_emulator(
     units = ["outer", *(f"{source.prefix}.{i}" for i in range(blocks))]
     if (output_dir / REPORT).is_file() and all(manifest.finished(unit) for unit in units):
         return output_dir  # already complete with these settings
-    # glibc: the resident set follows the live buffers (hostmem); the spilled activations go at the end
-    with hostmem.large_buffers_unmapped(), contextlib.closing(
-            ActivationStore(output_dir / ".emloc-activations", host_budget or _host_budget())) as store:
+    with contextlib.closing(ActivationStore(output_dir / ".emloc-activations", host_budget or _host_budget())) as store:
         source.load_outer()
         kwargs = source.capture(batches, store)
         outer_file = _shard_name(1, total)
