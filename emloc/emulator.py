@@ -569,7 +569,8 @@ def build_emulator(
             available memory).
         progress: show a progress bar per block.
 
-    Returns the output directory. The build report is in ``emloc-report.json`` there.
+    Returns the output directory. The build report is in ``emloc-report.json`` there. On glibc the call
+    fixes malloc's mmap threshold (:func:`emloc.hostmem.large_buffers_unmapped`), and leaves it at 32 MiB.
     """
     model_path, output_dir = Path(model_path), Path(output_dir)
     if svd not in ("exact", "randomized"):
