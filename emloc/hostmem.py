@@ -7,7 +7,7 @@ of each mapped buffer freed (up to 32 MiB), so after the first large free a buil
 buffers that live longer (covariances, factors). On a hidden-2048 model the peak resident set ran 100 to
 170 MiB above the live tensors, and without trimming it grew with the number of blocks (48 blocks: 4.6x the
 12-block figure). :func:`large_buffers_unmapped` around the whole build brought the peak above the
-post-import RSS from 470-517 MiB to 380 MiB (3 and 12 blocks, hidden 2048, MLP 7168).
+post-import RSS from 434.6-528.5 MiB (four runs) to 382.1-384.8 MiB (12 and 48 blocks, hidden 2048).
 """
 from __future__ import annotations
 
