@@ -124,8 +124,11 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
     output_dir.mkdir(parents=True, exist_ok=True)
     state_path = output_dir / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"settings": settings, "done": []}
-    changed = sorted(k for k in settings.keys() | state["settings"].keys()
-                     if settings.get(k) != state["settings"].get(k))
+    stored = state["settings"]
+    if isinstance(stored.get("train"), dict):  # a run saved before a TrainConfig field existed used its default
+        stored = {**stored, "train": {**asdict(TrainConfig()), **stored["train"]}}
+        stored["train"].pop("progress", None)
+    changed = sorted(k for k in settings.keys() | stored.keys() if settings.get(k) != stored.get(k))
     if changed:
         raise ValueError(f"{output_dir} holds a run with other settings ({', '.join(changed)} differ); "
                          "resume with the same arguments or choose another output directory")

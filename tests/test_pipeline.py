@@ -59,6 +59,11 @@ def test_run_resumes_after_an_interruption_and_summarises(inputs, tmp_path, monk
     print(printed)
     merged = transformers.AutoModelForCausalLM.from_pretrained(out / "export" / "merged")
     assert merged.config.num_hidden_layers == 2
+    # A run saved before a training option existed resumes: the option then had its default.
+    state = json.loads((out / "run_state.json").read_text())
+    assert state["settings"]["train"].pop("embeddings_on_device") == training.TrainConfig().embeddings_on_device
+    (out / "run_state.json").write_text(json.dumps(state))
+    assert cli.main(argv) == 0
     other = list(argv)
     other[other.index("--ratio") + 1], other[other.index("--steps") + 1] = "0.6", "7"
     with pytest.raises(SystemExit, match=r"holds a run with other settings \(ratio, train differ\)"):
