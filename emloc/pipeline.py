@@ -34,6 +34,11 @@ SUMMARY_FILE = "summary.json"
 DEFAULT_RATIO = 0.4
 
 
+def _recorded(config: TrainConfig) -> dict:
+    """A training config as a run directory records it (the progress switch does not change the run)."""
+    return {k: v for k, v in asdict(config).items() if k != "progress"}
+
+
 def plan_for_budget(model_dir: str | os.PathLike, budget: str | int, config: TrainConfig,
                     ratio: float | dict | None = None, max_samples: int = 64, svd: str = "exact",
                     dtype: torch.dtype | None = None) -> Plan:
@@ -120,14 +125,13 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
     settings = {"model": str(model_path.resolve()), "data": str(Path(data).resolve()),
                 "ratio": build_args["compression"] if budget is None else ratio, "budget": budget,
                 "clamp": clamp, "merge": merge, "dtype": str(dtype), "max_samples": max_samples, "svd": svd,
-                "train": {k: v for k, v in asdict(config).items() if k != "progress"}}
+                "train": _recorded(config)}
     output_dir.mkdir(parents=True, exist_ok=True)
     state_path = output_dir / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"settings": settings, "done": []}
     stored = state["settings"]
     if isinstance(stored.get("train"), dict):  # a run saved before a TrainConfig field existed used its default
-        stored = {**stored, "train": {**asdict(TrainConfig()), **stored["train"]}}
-        stored["train"].pop("progress", None)
+        stored = {**stored, "train": {**_recorded(TrainConfig()), **stored["train"]}}
     changed = sorted(k for k in settings.keys() | stored.keys() if settings.get(k) != stored.get(k))
     if changed:
         raise ValueError(f"{output_dir} holds a run with other settings ({', '.join(changed)} differ); "
