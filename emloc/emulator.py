@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 
 from emloc_kernels import Whitening, covariance_update, projected_lowrank, whitened_lowrank, whitening
 
-from . import hostmem, models
+from . import healing, hostmem, models
 from .calibration import CalibrationBatch, CalibrationError, load_texts, make_batches, tokenize_samples
+from .healing import HealConfig, heal_rank
 from .layers import EmulatorLinear
 from .streaming import CheckpointIndex, atomic_write, key_mapping, materialize, release
 
@@ -56,6 +57,8 @@ FORMAT_VERSION = 1
 MANIFEST = "emloc-manifest.json"
 REPORT = "emloc-report.json"
 INDEX = "model.safetensors.index.json"
+HEAL_ADAPTER = "emloc-heal-adapter.safetensors"
+HEAL_ADAPTER_UNIT, HEAL_UNIT = "heal-adapter", "heal"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 Compression = float | dict[str, float]
@@ -71,13 +74,15 @@ class BuildError(ValueError):
 
 @dataclass(frozen=True)
 class LinearPlan:
-    """How one linear of a block is compressed: ``rank`` and the exact route taken (DESIGN 1.3 / 1.3b):
-    ``"output"`` (output covariance, ``out < in``) or ``"input"`` (whitened SVD)."""
+    """How one linear of a block is compressed: ``rank`` of its activation-aware factors, the exact route taken
+    (DESIGN 1.3 / 1.3b): ``"output"`` (output covariance, ``out < in``) or ``"input"`` (whitened SVD), and the
+    ``heal_rank`` that healing adds (:mod:`emloc.healing`; the ratio's rank budget is ``rank + heal_rank``)."""
 
     name: str
     out_features: int
     in_features: int
     rank: int
+    heal_rank: int = 0
 
     @property
     def form(self) -> str:
@@ -103,13 +108,15 @@ def _compile(pattern) -> re.Pattern:
         raise BuildError(f"compression: pattern {pattern!r} is not a valid regular expression ({exc})") from exc
 
 
-def plan_compression(model: nn.Module, compression: Compression) -> list[list[list[LinearPlan]]]:
+def plan_compression(model: nn.Module, compression: Compression,
+                     heal: HealConfig | None = None) -> list[list[list[LinearPlan]]]:
     """Per block, the input groups of its compressed linears (names local to the block).
 
     ``compression`` is one ratio for every linear of the decoder blocks, or ``{regex: ratio}`` matched
     (``re.fullmatch``) against full module names, first match wins. Linears whose rank would not save
-    parameters stay dense. Raises :class:`BuildError` for a ratio outside (0, 1] or a pattern that
-    matches no linear of the blocks.
+    parameters stay dense. With ``heal``, each rank budget is split into factors and a heal adapter
+    (:func:`emloc.healing.heal_rank`). Raises :class:`BuildError` for a ratio outside (0, 1] or a pattern
+    that matches no linear of the blocks.
     """
     if isinstance(compression, dict):
         if not compression:
@@ -132,7 +139,8 @@ def plan_compression(model: nn.Module, compression: Compression) -> list[list[li
                 linear = block.get_submodule(local)
                 rank = None if ratio is None else _rank(ratio, linear.out_features, linear.in_features)
                 if rank is not None:
-                    members.append(LinearPlan(local, linear.out_features, linear.in_features, rank))
+                    extra = heal_rank(heal, rank)
+                    members.append(LinearPlan(local, linear.out_features, linear.in_features, rank - extra, extra))
             if members:
                 groups.append(members)
         plans.append(groups)
@@ -500,6 +508,10 @@ class _Manifest:
         path = self.directory / entry["file"]
         return entry if path.is_file() and _sha256(path) == entry["sha256"] else None
 
+    def shards(self) -> list[dict]:
+        """The entries of the emulator's weight shards (not of the heal adapter)."""
+        return [entry for unit, entry in self.done.items() if unit not in (HEAL_UNIT, HEAL_ADAPTER_UNIT)]
+
     def record(self, unit: str, file: str, extra: dict) -> None:
         self.done[unit] = {"file": file, "sha256": _sha256(self.directory / file), **extra}
         self._save()
@@ -545,6 +557,7 @@ def build_emulator(
     batch_size: int = 4,
     seed: int = 0,
     host_budget: int | None = None,
+    heal: HealConfig | None = None,
     progress: bool = True,
 ) -> Path:
     """Build the emulator of the checkpoint in ``model_path`` into ``output_dir``, one block at a time.
@@ -567,6 +580,9 @@ def build_emulator(
         overwrite: replace a directory built with other settings.
         host_budget: bytes of host memory for activations before they spill to disk (default: half the
             available memory).
+        heal: distil the original into the emulator on the calibration samples after the blocks are built
+            (:mod:`emloc.healing`; needs ``propagate="original"``). Each linear's rank budget is shared between
+            the factors and the heal adapter, which is merged into them: same parameter count as without.
         progress: show a progress bar per block.
 
     Returns the output directory. The build report is in ``emloc-report.json`` there. On glibc the call
@@ -577,10 +593,13 @@ def build_emulator(
         raise BuildError(f"svd: must be 'exact' or 'randomized', got {svd!r}")
     if propagate not in ("original", "emulator"):
         raise BuildError(f"propagate: must be 'original' or 'emulator', got {propagate!r}")
+    if heal is not None and propagate != "original":
+        raise BuildError("heal: healing distils the original model's outputs, which the build has only with "
+                         "propagate='original'")
     if output_dir.resolve() == model_path.resolve():
         raise BuildError(f"{output_dir}: the output directory is the model directory; the source would be overwritten")
     source = _Source(model_path, device or _default_device(), dtype)
-    plan = plan_compression(source.model, compression)
+    plan = plan_compression(source.model, compression, heal)
     tokenizer = _tokenizer(model_path)
     batches = _calibration_batches(data, tokenizer, max_samples, max_length, batch_size, seed)
     settings = {
@@ -592,11 +611,14 @@ def build_emulator(
         "svd": svd,
         "propagate": propagate,
         "dtype": str(source.dtype).removeprefix("torch."),
+        **({"heal": asdict(heal)} if heal is not None else {}),
     }
     manifest = _Manifest(output_dir, settings, resume, overwrite)
     blocks = len(source.stack)
     total = blocks + 1
     units = ["outer", *(f"{source.prefix}.{i}" for i in range(blocks))]
+    if heal is not None:
+        units.append(HEAL_UNIT)
     if (output_dir / REPORT).is_file() and all(manifest.finished(unit) for unit in units):
         return output_dir  # already complete with these settings
     with contextlib.closing(ActivationStore(output_dir / ".emloc-activations", host_budget or _host_budget())) as store:
@@ -636,7 +658,47 @@ def build_emulator(
             release(block)
             hostmem.return_freed_memory()
         _finish(output_dir, source, manifest, tokenizer, total)
+        if heal is not None and manifest.finished(HEAL_UNIT) is None:
+            # The store now holds the original's last-block outputs: the teacher of the healing step.
+            _heal_build(output_dir, source, manifest, plan, batches, store, heal, dtype, progress)
+            _finish(output_dir, source, manifest, tokenizer, total)
     return output_dir
+
+
+def _heal_build(output_dir: Path, source: _Source, manifest: _Manifest, plan, batches, store: ActivationStore,
+                config: HealConfig, dtype, progress: bool) -> None:
+    """Train the heal adapter (unless a saved one survives an interruption), then merge it into each block's
+    shard; a block whose manifest entry says it is healed is not merged twice."""
+    adapter_path = output_dir / HEAL_ADAPTER
+    if manifest.done.get(HEAL_ADAPTER_UNIT) is None or manifest.finished(HEAL_ADAPTER_UNIT) is None:
+        model = load_emulator(output_dir, device=source.device, dtype=dtype)
+        teachers = [healing.teacher_states(model, batch, store.get(slot, "cpu")).cpu()
+                    for slot, batch in enumerate(batches)]
+        ranks = {f"{source.prefix}.{index}.{linear.name}": linear.heal_rank
+                 for index, groups in enumerate(plan) for group in groups for linear in group if linear.heal_rank}
+        adapter, report = healing.heal(model, batches, teachers, ranks, config, progress)
+        del model, teachers
+        tensors = {f"{name}.{part}": t for name, (a, sb) in adapter.items() for part, t in (("a", a), ("sb", sb))}
+        _save_tensors(adapter_path, tensors)
+        manifest.record(HEAL_ADAPTER_UNIT, HEAL_ADAPTER, {"report": report})
+    saved = load_file(str(adapter_path))
+    for index in range(len(source.stack)):
+        name = f"{source.prefix}.{index}"
+        entry = manifest.done[name]
+        if entry.get("healed"):
+            continue
+        path = output_dir / entry["file"]
+        state = load_file(str(path))
+        modules = dict(entry["modules"])
+        for module, info in entry["modules"].items():
+            if f"{module}.a" not in saved:
+                continue
+            state[f"{module}.u"], state[f"{module}.v"] = healing.merge_heal(
+                state[f"{module}.u"], state[f"{module}.v"], saved[f"{module}.a"], saved[f"{module}.sb"])
+            modules[module] = {**info, "rank": state[f"{module}.u"].shape[1]}
+        _save_tensors(path, state)
+        manifest.record(name, entry["file"], {"modules": modules, "healed": True})
+    manifest.record(HEAL_UNIT, HEAL_ADAPTER, {})
 
 
 class _FiniteSink:
@@ -675,13 +737,13 @@ def _finished_block(source: _Source, index: int, plan, path: Path, propagate: st
 def _finish(output_dir: Path, source: _Source, manifest: _Manifest, tokenizer, total: int) -> None:
     """Index, config with its ``emloc`` section, tokenizer files and the JSON report."""
     weight_map = {}
-    for entry in manifest.done.values():
+    for entry in manifest.shards():
         with open(output_dir / entry["file"], "rb") as handle:
             header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
         weight_map.update({key: entry["file"] for key in header if key != "__metadata__"})
-    size = sum((output_dir / e["file"]).stat().st_size for e in manifest.done.values())
+    size = sum((output_dir / e["file"]).stat().st_size for e in manifest.shards())
     _write_json(output_dir / INDEX, {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))})
-    modules = {name: info for entry in manifest.done.values() for name, info in entry.get("modules", {}).items()}
+    modules = {name: info for entry in manifest.shards() for name, info in entry.get("modules", {}).items()}
     config = source.config.to_dict()
     config["dtype"] = manifest.settings["dtype"]
     config["emloc"] = {
@@ -692,6 +754,7 @@ def _finish(output_dir: Path, source: _Source, manifest: _Manifest, tokenizer, t
         "svd": manifest.settings["svd"],
         "propagate": manifest.settings["propagate"],
         "modules": {name: {"rank": info["rank"]} for name, info in sorted(modules.items())},
+        **({"heal": manifest.settings["heal"]} if "heal" in manifest.settings else {}),
     }
     _write_json(output_dir / "config.json", config)
     tokenizer.save_pretrained(output_dir)
@@ -700,8 +763,10 @@ def _finish(output_dir: Path, source: _Source, manifest: _Manifest, tokenizer, t
     for name, info in modules.items():
         linear = source.model.get_submodule(name)
         saved += linear.out_features * linear.in_features - info["rank"] * (linear.out_features + linear.in_features)
+    heal_entry = manifest.done.get(HEAL_ADAPTER_UNIT)
     _write_json(output_dir / REPORT, {"parameters_before": before, "parameters_after": before - saved,
-                                      "modules": dict(sorted(modules.items()))})
+                                      "modules": dict(sorted(modules.items())),
+                                      **({"heal": heal_entry["report"]} if heal_entry else {})})
 
 
 def load_emulator(path, device=None, dtype: torch.dtype | None = None) -> nn.Module:

@@ -193,3 +193,13 @@ def logits_from_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask
     _, stack = block_stack(model)
     with _proxied(stack, lambda index, h, kwargs: hidden), torch.no_grad():
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def final_hidden_from_block_output(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                   hidden: torch.Tensor) -> torch.Tensor:
+    """The decoder's final hidden states (after its final norm) when its last block outputs ``hidden``, by
+    the same pass-through as :func:`logits_from_hidden` but stopping before the LM head."""
+    _, stack = block_stack(model)
+    with _proxied(stack, lambda index, h, kwargs: hidden), torch.no_grad():
+        return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                   use_cache=False).last_hidden_state

@@ -3,7 +3,8 @@
 * :func:`lm_head_cross_entropy` runs the LM head and cross entropy chunk by chunk and computes the hidden-state
   gradient in the forward pass, so full fp32 logits never exist (only one ``(chunk, vocab)`` block at a time).
 * :class:`CausalLMLoss` is a model's whole loss as a module (wrappable by DDP; callable on meta tensors for a
-  memory dry run); :func:`training_step` is one optimizer step over micro-batches, with no host sync.
+  memory dry run); only positions with a target reach the LM head. :func:`training_step` is one optimizer
+  step over micro-batches.
 * :func:`place_input_embedding` keeps an untied input embedding on the host: it is only looked up, so only the
   looked-up rows travel to the device (the memory plan's default, ``TrainConfig.embeddings_on_device``).
 * :func:`train` is the loop: AdamW over the LoRA weights only (fp32 state), cosine schedule with warm-up,
@@ -190,11 +191,19 @@ class CausalLMLoss(nn.Module):
         hidden = self.model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
                                           use_cache=False).last_hidden_state
         # Position t predicts token t + 1: shift the labels, not the (large) hidden states.
-        shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1)
-        loss, correct = lm_head_cross_entropy(hidden.reshape(-1, hidden.shape[-1]),
-                                              self.model.get_output_embeddings().weight, shifted.reshape(-1),
-                                              normalizer, self.chunk, self.softcap)
-        return loss, correct.view_as(shifted)
+        shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1).reshape(-1)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        if hidden.device.type == "meta":  # a dry run plans for every position having a target
+            loss, correct = lm_head_cross_entropy(hidden, self.model.get_output_embeddings().weight, shifted,
+                                                  normalizer, self.chunk, self.softcap)
+            return loss, correct.view_as(labels)
+        # Only positions with a target reach the LM head: on chat data (short answers after long prompts) the
+        # head over every position would be most of the step. Selecting costs one host sync per micro-batch.
+        targets = (shifted != IGNORE).nonzero()[:, 0]
+        loss, hit = lm_head_cross_entropy(hidden[targets], self.model.get_output_embeddings().weight,
+                                          shifted[targets], normalizer, self.chunk, self.softcap)
+        correct = torch.zeros(shifted.shape, dtype=torch.bool, device=hit.device).index_copy_(0, targets, hit)
+        return loss, correct.view_as(labels)
 
 
 def training_step(loss_module: nn.Module, micro_batches: list[dict[str, Tensor]], normalizer: Tensor | float,
@@ -204,7 +213,7 @@ def training_step(loss_module: nn.Module, micro_batches: list[dict[str, Tensor]]
 
     Each micro-batch's loss is its summed token loss over ``normalizer`` (the global target-token count), so
     accumulation and data parallelism reproduce one big batch. Under DDP, gradients are reduced on the last
-    micro-batch only. Returns the summed loss as a tensor (no host sync here).
+    micro-batch only. Returns the summed loss as a tensor (its only host syncs select the target positions).
     """
     total = None
     for i, batch in enumerate(micro_batches):

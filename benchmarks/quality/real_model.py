@@ -1,0 +1,299 @@
+"""Real-model quality benchmark: EMLoC on SmolLM2-135M-Instruct, two downstream chat tasks, held-out exact match.
+
+    python benchmarks/quality/real_model.py [--seeds 3] [--ratios 0.75 0.5 0.25] [--steps 40] [--out DIR]
+
+Per task (:mod:`tasks`): zero-shot; LoRA on the original (the ceiling); and per ratio and emulator variant
+(:data:`VARIANTS`) one build, the emulator's fidelity on held-out task text before any task training (loss,
+KL from the original's next-token distribution), then per seed LoRA trained on the emulator, scored on the
+emulator, on the original uncorrected and with each correction. Every finished run is appended to
+``runs.jsonl`` at once, so an interrupted benchmark resumes where it stopped. Writes ``RESULTS.md`` (mean
+± std over seeds, % of the ceiling's gain over zero-shot kept, peak memory of one training step, wall
+time), ``RESULTS.png`` and ``runs.json`` to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from tasks import TASKS, make_splits, write_jsonl  # noqa: E402
+
+import emloc  # noqa: E402
+from emloc.correction import correct_lora  # noqa: E402
+from emloc.data import collate, load_examples  # noqa: E402
+from emloc.demo import smollm2  # noqa: E402
+from emloc.demo.measure import training_peak_bytes  # noqa: E402
+from emloc.healing import HealConfig  # noqa: E402
+from emloc.lora import LoraAdapter  # noqa: E402
+from emloc.training import TrainConfig, evaluate, train  # noqa: E402
+
+# Emulator variants at equal parameter count: the heal adapter's rank comes out of each linear's budget.
+VARIANTS = {
+    "paper": {"heal": None},
+    "healed": {"heal": HealConfig(gradient_checkpointing=False)},
+}
+# How the emulator's adapter goes onto the original: as trained, or through the paper's correction.
+CORRECTIONS = {"uncorrected": None, "corrected": 3.0}
+MAX_LENGTH = 64
+
+
+def machine() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores"
+    return (f"{device}, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+            f"Python {platform.python_version()}")
+
+
+class Bench:
+    """The shared state of one benchmark run: the original model, the data files, the run log."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.out = args, args.out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.model_dir = smollm2.checkpoint()
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_dir)
+        self.original = transformers.AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        self.log = self.out / "runs.jsonl"
+        self.done = {}
+        if self.log.is_file():
+            for line in self.log.read_text().splitlines():
+                run = json.loads(line)
+                self.done[run["key"]] = run
+
+    def record(self, key: str, **fields) -> dict:
+        run = {"key": key, **fields}
+        with open(self.log, "a") as handle:
+            handle.write(json.dumps(run) + "\n")
+        self.done[key] = run
+        return run
+
+    def files(self, task: str) -> tuple[Path, list[dict]]:
+        train_rows, test_rows = make_splits(task, self.args.train_size, self.args.test_size)
+        data = write_jsonl(train_rows, self.out / "data" / f"{task}-train.jsonl")
+        test = write_jsonl(test_rows, self.out / "data" / f"{task}-test.jsonl")
+        return data, load_examples(test, self.tokenizer, MAX_LENGTH)
+
+    def train_config(self, seed: int, output_dir: Path) -> TrainConfig:
+        return TrainConfig(output_dir=str(output_dir), max_steps=self.args.steps, micro_batch_size=8, grad_accum=1,
+                           learning_rate=self.args.lr, warmup_ratio=0.1, lora_r=8, lora_alpha=16,
+                           max_length=MAX_LENGTH, gradient_checkpointing=False, eval_fraction=0.0,
+                           save_steps=10**9, seed=seed, progress=False)
+
+    def score(self, model, test) -> dict:
+        return evaluate(model, test, 16, 1024, self.tokenizer.pad_token_id)
+
+    def on_original(self, adapter: LoraAdapter | None, test) -> dict:
+        model = copy.deepcopy(self.original)
+        if adapter is not None:
+            adapter.apply_to(model)
+        return self.score(model, test)
+
+
+def fidelity(original, emulator, test, pad_id: int) -> dict:
+    """Mean per-token loss of the emulator and KL(original || emulator) over every token of the held-out
+    texts (prompts and answers), before any task training."""
+    loss = kl = tokens = 0.0
+    with torch.no_grad():
+        for start in range(0, len(test), 16):
+            batch = collate([{**e, "labels": e["input_ids"]} for e in test[start:start + 16]], pad_id)
+            mask = batch["attention_mask"][:, 1:].bool()
+            target = batch["input_ids"][:, 1:][mask]
+            p = torch.log_softmax(original(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                  .logits[:, :-1][mask].float(), -1)
+            q = torch.log_softmax(emulator(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                  .logits[:, :-1][mask].float(), -1)
+            loss += float(-q.gather(1, target[:, None]).sum())
+            kl += float((p.exp() * (p - q)).sum())
+            tokens += int(mask.sum())
+    return {"loss": loss / tokens, "kl": kl / tokens}
+
+
+def step_peak(model, test, pad_id: int) -> int:
+    batch = collate(test[:8], pad_id)
+    return training_peak_bytes(model, batch)
+
+
+def run_task(bench: Bench, task: str) -> None:
+    args, pad_id = bench.args, bench.tokenizer.pad_token_id
+    data, test = bench.files(task)
+    work = bench.out / "work" / task
+    if f"{task}/zero-shot" not in bench.done:
+        bench.record(f"{task}/zero-shot", task=task, row="zero-shot", ratio=1.0, seed=0,
+                     **bench.on_original(None, test), seconds=0.0)
+    for seed in range(args.seeds):
+        key = f"{task}/lora-original/{seed}"
+        if key in bench.done:
+            continue
+        model = copy.deepcopy(bench.original)
+        started = time.perf_counter()
+        result = train(model, data, bench.train_config(seed, work / f"original-{seed}"), tokenizer=bench.tokenizer,
+                       eval_data=test)
+        seconds = time.perf_counter() - started
+        bench.record(key, task=task, row="LoRA on original", ratio=1.0, seed=seed, **result.eval,
+                     peak_bytes=step_peak(model, test, pad_id), seconds=seconds)
+    for ratio in args.ratios:
+        for variant in args.variants:
+            emulator_dir = work / f"emulator-{variant}-{ratio}"
+            key = f"{task}/{variant}/{ratio}/fidelity"
+            build_seconds = bench.done.get(key, {}).get("seconds")
+            if key not in bench.done:
+                started = time.perf_counter()
+                emloc.build_emulator(bench.model_dir, data, emulator_dir, ratio, max_samples=args.samples,
+                                     max_length=MAX_LENGTH, batch_size=8, progress=False, **VARIANTS[variant])
+                build_seconds = time.perf_counter() - started
+                emulator = emloc.load_emulator(emulator_dir)
+                report = json.loads((emulator_dir / "emloc-report.json").read_text())
+                bench.record(key, task=task, row=f"{variant}: emulator fidelity", ratio=ratio, seed=0,
+                             **fidelity(bench.original, emulator, test, pad_id), seconds=build_seconds,
+                             parameters=report["parameters_after"], linear_share=_linear_share(report),
+                             heal=report.get("heal", {}).get("kl_after"))
+            for seed in range(args.seeds):
+                key = f"{task}/{variant}/{ratio}/{seed}"
+                if key in bench.done:
+                    continue
+                emulator = emloc.load_emulator(emulator_dir)
+                train_dir = work / f"train-{variant}-{ratio}-{seed}"
+                started = time.perf_counter()
+                result = train(emulator, data, bench.train_config(seed, train_dir), tokenizer=bench.tokenizer,
+                               eval_data=test)
+                seconds = time.perf_counter() - started + build_seconds
+                scores = {"on emulator": result.eval["eval_exact_match"]}
+                trained = LoraAdapter.load(result.adapter_dir)
+                for label, clamp in CORRECTIONS.items():
+                    adapter = trained if label == "uncorrected" else correct_lora(
+                        bench.model_dir, emulator_dir, trained, clamp, progress=False)
+                    scores[label] = bench.on_original(adapter, test)["eval_exact_match"]
+                bench.record(key, task=task, variant=variant, ratio=ratio, seed=seed, scores=scores,
+                             emulator_eval_loss=result.eval["eval_loss"], peak_bytes=step_peak(emulator, test, pad_id),
+                             seconds=seconds)
+
+
+def _linear_share(report: dict) -> float:
+    """Parameters of the emulator's linears as a share of the original's (the ratio, after rounding)."""
+    return report["parameters_after"] / report["parameters_before"]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(runs: list[dict], args) -> tuple[str, list[dict]]:
+    """The Markdown tables (one per task) and the flat rows behind them."""
+    rows, lines = [], []
+    for task in args.tasks:
+        mine = [r for r in runs if r["task"] == task]
+        zero = next(r["eval_exact_match"] for r in mine if r.get("row") == "zero-shot")
+        ceiling = [r["eval_exact_match"] for r in mine if r.get("row") == "LoRA on original"]
+        gain = statistics.fmean(ceiling) - zero
+
+        def add(ratio, method, values, peak=None, seconds=None):
+            mean, std = _mean_std(values)
+            kept = 100 * (mean - zero) / gain if gain > 0 else float("nan")
+            rows.append({"task": task, "ratio": ratio, "method": method, "mean": mean, "std": std, "seeds": len(values),
+                         "kept": kept, "peak_bytes": peak, "seconds": seconds})
+
+        add(1.0, "zero-shot", [zero])
+        originals = [r for r in mine if r.get("row") == "LoRA on original"]
+        add(1.0, "LoRA on original (ceiling)", ceiling, max(r["peak_bytes"] for r in originals),
+            statistics.median(r["seconds"] for r in originals))
+        for ratio in args.ratios:
+            for variant in args.variants:
+                trained = [r for r in mine if r.get("variant") == variant and r["ratio"] == ratio]
+                if not trained:
+                    continue
+                peak = max(r["peak_bytes"] for r in trained)
+                seconds = statistics.median(r["seconds"] for r in trained)
+                for label in ("on emulator", *CORRECTIONS):
+                    add(ratio, f"{variant}: {label}", [r["scores"][label] for r in trained], peak, seconds)
+        lines += [f"### {task}", "", "| ratio | method | exact match (%) | % of gain kept | seeds | "
+                  "peak step memory (MiB) | wall (s) |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for row in (r for r in rows if r["task"] == task):
+            peak = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:.0f}"
+            wall = "-" if row["seconds"] is None else f"{row['seconds']:.0f}"
+            lines.append(f"| {row['ratio']:g} | {row['method']} | {100 * row['mean']:.1f} ± {100 * row['std']:.1f} | "
+                         f"{row['kept']:.0f} | {row['seeds']} | {peak} | {wall} |")
+        lines += ["", "Emulator fidelity on the held-out task text, before task training:", "",
+                  "| ratio | emulator | parameters (share of original) | loss | KL to original | build (s) |",
+                  "| ---: | --- | ---: | ---: | ---: | ---: |"]
+        for r in (r for r in mine if str(r.get("row", "")).endswith("emulator fidelity")):
+            lines.append(f"| {r['ratio']:g} | {r['row'].split(':')[0]} | {r['parameters']:,} ({r['linear_share']:.2f}) | "
+                         f"{r['loss']:.3f} | {r['kl']:.3f} | {r['seconds']:.0f} |")
+        lines.append("")
+    return "\n".join(lines), rows
+
+
+def plot(rows: list[dict], path: Path, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.tasks), figsize=(6 * len(args.tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], args.tasks):
+        mine = [r for r in rows if r["task"] == task]
+        zero = next(r["mean"] for r in mine if r["method"] == "zero-shot")
+        ceiling = next(r["mean"] for r in mine if r["method"].startswith("LoRA on original"))
+        for method in dict.fromkeys(r["method"] for r in mine if r["ratio"] < 1):
+            found = [r for r in mine if r["method"] == method]
+            ax.errorbar([r["ratio"] for r in found], [100 * r["mean"] for r in found],
+                        yerr=[100 * r["std"] for r in found], marker="o", capsize=3, label=method)
+        ax.axhline(100 * ceiling, color="k", linestyle="--", label="LoRA on original")
+        ax.axhline(100 * zero, color="grey", linestyle=":", label="zero-shot")
+        ax.set_xlabel("compression ratio (share of linear-layer parameters kept)")
+        ax.set_ylabel("held-out exact match (%)")
+        ax.set_title(f"SmolLM2-135M-Instruct, {task}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.5, 0.25])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=40, help="LoRA steps of 8 examples")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--samples", type=int, default=64, help="calibration (and healing) samples")
+    parser.add_argument("--train-size", type=int, default=400)
+    parser.add_argument("--test-size", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=HERE / "smollm2")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("EMLOC_BACKEND", "torch")  # on the CPU the reference is the fast path
+    started = time.perf_counter()
+    bench = Bench(args)
+    for task in args.tasks:
+        run_task(bench, task)
+    runs = [r for r in bench.done.values() if r["task"] in args.tasks]
+    table, rows = summarize(runs, args)
+    header = (f"# Real-model quality benchmark\n\nSmolLM2-135M-Instruct, {args.steps} LoRA steps of 8 examples "
+              f"(r 8, alpha 16, lr {args.lr:g}), {args.samples} calibration samples, {args.train_size} train / "
+              f"{args.test_size} held-out examples per task, seeds 0..{args.seeds - 1}.\nMachine: {machine()}. "
+              f"This invocation: {(time.perf_counter() - started) / 60:.1f} min.\n\n")
+    (args.out / "RESULTS.md").write_text(header + table + "\n")
+    (args.out / "runs.json").write_text(json.dumps({"settings": {k: str(v) if isinstance(v, Path) else v
+                                                                 for k, v in vars(args).items()},
+                                                    "machine": machine(), "runs": runs, "rows": rows}, indent=1))
+    plot(rows, args.out / "RESULTS.png", args)
+    print(header + table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
