@@ -168,7 +168,11 @@ def training_step(loss_module: nn.Module, micro_batches: list[dict[str, Tensor]]
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
-    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to zero."""
+    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to zero.
+
+    The first step runs at ``1 / warmup`` of the rate. ``transformers.get_cosine_schedule_with_warmup`` has the
+    same decay but a warm-up one step behind, starting at zero: a one-step run would not train.
+    """
     warmup = math.ceil(warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
