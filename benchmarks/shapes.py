@@ -34,5 +34,5 @@ LM_HEAD_CHUNK = 1024  # rows per LM-head block of the chunked loss (TrainConfig.
 
 
 def emulator_rank(out_features: int, in_features: int) -> int:
-    """``r = floor(ratio m n / (m + n))`` (DESIGN 1.3)."""
+    """``r = floor(ratio m n / (m + n))`` (docs/design.md §1.5)."""
     return max(1, int(RATIO * out_features * in_features // (out_features + in_features)))

@@ -74,7 +74,7 @@ def test_lowrank_factors(timed, name, impl):
         timed(group, impl, whitened_factors, weight, cov, rank, rounds=3)
         return
     method = impl.split()[1]
-    # emloc's route: the whitened form where m >= n, the output-space form where m < n (DESIGN 1.3b).
+    # emloc's route: the whitened form where m >= n, the output-space form where m < n (docs/design.md §1.4).
     if m >= n:
         timed(group, impl, lambda: whitened_lowrank(weight, whitening(cov), rank, method=method), rounds=3)
     else:

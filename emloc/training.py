@@ -1,4 +1,4 @@
-"""Training LoRA on an emulator (DESIGN 1.5): the loss, one optimizer step, and the loop around them.
+"""Training LoRA on an emulator (docs/design.md §1.8): the loss, one optimizer step, and the loop around them.
 
 * :class:`CausalLMLoss` is a model's whole loss as a module (wrappable by DDP; callable on meta tensors for a
   memory dry run), its LM head and cross entropy chunked by :func:`emloc_kernels.lm_head_cross_entropy` so
@@ -38,7 +38,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 @dataclass
 class TrainConfig:
-    """Training settings; the defaults follow the reference recipe of DESIGN 1.5.
+    """Training settings; the defaults follow the reference recipe (docs/design.md §1.8).
 
     The global batch per optimizer step is ``micro_batch_size * grad_accum * world_size`` examples. Less obvious
     fields: ``lora_target`` (regex or names, see :func:`emloc.add_lora`; None: every linear but the LM head),
