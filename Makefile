@@ -1,4 +1,5 @@
-# Set-up commands for a fresh clone: `make demo` runs the built-in demo, `make test` the test suite.
+# Set-up commands for a fresh clone: `make demo` runs the built-in demo, `make test` the test suite,
+# `make lint` ruff over the code (settings in pyproject.toml).
 # Both create (or reuse) a virtualenv in .venv, keep a torch that is already importable there or else
 # install the CPU-friendly torch==2.13.0, then install emloc itself.
 VENV   ?= .venv
@@ -11,7 +12,7 @@ ifeq ($(HAS_GPU),)
 export TRITON_INTERPRET ?= 1
 endif
 
-.PHONY: install install-test test test-slow bench demo clean
+.PHONY: install install-test lint test test-slow bench demo clean
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -23,6 +24,10 @@ install: $(PY)
 
 install-test: install
 	$(PY) -m pip install -q -e ".[test]"
+
+lint: $(PY)
+	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q ruff
+	$(PY) -m ruff check emloc emloc_kernels benchmarks tests
 
 test: install-test
 	$(PY) -m pytest -q tests

@@ -27,7 +27,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "peft>=0.15", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "peft>=0.15", "matplotlib", "ruff"],
         "demo": ["matplotlib"],
     },
     entry_points={"console_scripts": ["emloc = emloc.cli:main"]},

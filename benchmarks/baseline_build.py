@@ -1,12 +1,12 @@
-"""The reference emulator construction of DESIGN 1.1 to 1.3, written plainly: the yardstick for ``emloc build``.
+"""The reference emulator construction of docs/design.md §1.1-1.3, written plainly: the yardstick for ``emloc build``.
 
 It follows the reference implementation's route on purpose, without any of emloc's savings:
 
 * the whole original model is loaded and run over the calibration batches, a hook on every linear of the
   decoder blocks accumulating that linear's own input covariance ``C = X^T X`` in fp32, padding excluded
   (q, k, v and gate, up each keep a separate copy of the same matrix);
-* every linear then gets its own eigendecomposition of ``C`` (whitening, DESIGN 1.2) and a full SVD of
-  ``W S`` (DESIGN 1.3), in the input-space form everywhere, even where the output space is smaller.
+* every linear then gets its own eigendecomposition of ``C`` (whitening, §1.2) and a full SVD of
+  ``W S`` (§1.3), in the input-space form everywhere, even where the output space is smaller.
 
 Plain torch only (no emloc code), so it also checks the production build rather than repeating it.
 """
@@ -36,7 +36,8 @@ class LowRank:
 
 
 def lowrank_rank(ratio: float, out_features: int, in_features: int) -> int | None:
-    """``r = floor(ratio * m n / (m + n))`` (DESIGN 1.3), or None where a rank-r pair would not save parameters."""
+    """``r = floor(ratio * m n / (m + n))`` (docs/design.md §1.5), or None where a rank-r pair would not save
+    parameters."""
     rank = int(ratio * out_features * in_features // (out_features + in_features))
     if rank < 1 or rank * (out_features + in_features) >= out_features * in_features:
         return None
@@ -81,7 +82,7 @@ def input_covariances(model: nn.Module, linears: dict[str, nn.Linear],
 
 
 def whitened_factors(weight: Tensor, covariance: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """DESIGN 1.2 + 1.3: ``C = S S^T`` by eigh (normalised, clamped), full SVD ``W S = P diag(sigma) R^T``,
+    """docs/design.md §1.2 + §1.3: ``C = S S^T`` by eigh (normalised, clamped), full SVD ``W S = P diag(sigma) R^T``,
     ``u = P_r diag(sqrt sigma_r)``, ``v = diag(sqrt sigma_r) R_r^T S^-1``."""
     n = covariance.shape[0]
     norm = covariance.diagonal().sum() / n

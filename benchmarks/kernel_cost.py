@@ -65,7 +65,7 @@ def calibration_covariance(n: int, fused: bool) -> Cost:
 
 def layer_covariances(model: str, fused: bool) -> Cost:
     """Every covariance one decoder layer needs. Naive: one input covariance per linear. emloc: one per input
-    group for the whitened linears (m >= n) and an output covariance for each m < n linear (DESIGN 1.3b)."""
+    group for the whitened linears (m >= n) and an output covariance for each m < n linear (docs/design.md §1.4)."""
     linears = MODELS[model].values()
     if not fused:
         return sum((calibration_covariance(n, False) for _, n, _ in linears), NONE)

@@ -21,14 +21,18 @@ LINEARS = {
     for m, n, _ in [MODELS[model][name]]
 }
 
+# LM heads, "<model>" -> (vocab, hidden): Llama-2-7B, Llama-3-8B, Qwen2.5-32B.
+LM_HEADS = {"7B": (32000, 4096), "8B": (128256, 4096), "32B": (152064, 5120)}
+
 RATIO = 0.4  # fraction of a layer's parameters the emulator keeps
 LORA_RANK = 8
 LORA_ALPHA = 16
 CALIBRATION_SAMPLES, SEQUENCE = 64, 2048
 CALIBRATION_TOKENS = 4 * SEQUENCE  # tokens of one calibration micro-batch (4 samples)
 TRAINING_TOKENS = 4096  # tokens of one training micro-batch
+LM_HEAD_CHUNK = 1024  # rows per LM-head block of the chunked loss (TrainConfig.lm_head_chunk)
 
 
 def emulator_rank(out_features: int, in_features: int) -> int:
-    """``r = floor(ratio m n / (m + n))`` (DESIGN 1.3)."""
+    """``r = floor(ratio m n / (m + n))`` (docs/design.md §1.5)."""
     return max(1, int(RATIO * out_features * in_features // (out_features + in_features)))

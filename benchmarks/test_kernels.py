@@ -7,7 +7,7 @@ randomized SVD) and the library's overhead, not the kernels. Run with ``pytest b
 
 Baselines: ``cov += x[mask].float().T @ x[mask].float()`` (the reference implementation's hook); input-space
 whitening with an eigendecomposition and a full SVD for every linear; four separate ``F.linear`` calls for
-``V``, ``U``, ``A`` and ``B`` under autograd.
+``V``, ``U``, ``A`` and ``B`` under autograd; ``F.cross_entropy`` on the full fp32 logits under autograd.
 """
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from baseline_build import whitened_factors
 from conftest import DEVICE, DTYPE, scaled
-from shapes import CALIBRATION_TOKENS, LINEARS, LORA_ALPHA, LORA_RANK, TRAINING_TOKENS, emulator_rank
+from shapes import (CALIBRATION_TOKENS, LINEARS, LM_HEAD_CHUNK, LM_HEADS, LORA_ALPHA, LORA_RANK, TRAINING_TOKENS,
+                    emulator_rank)
 
-from emloc_kernels import covariance_update, emulator_linear, projected_lowrank, whitened_lowrank, whitening
+from emloc_kernels import (covariance_update, emulator_linear, lm_head_cross_entropy, projected_lowrank,
+                           whitened_lowrank, whitening)
 
 # The distinct input widths: hidden sizes and MLP widths (the down projections' inputs).
 COVARIANCE_WIDTHS = {"7B hidden": 4096, "7B mlp": 11008, "8B mlp": 14336, "32B hidden": 5120, "32B mlp": 27648}
@@ -72,7 +74,7 @@ def test_lowrank_factors(timed, name, impl):
         timed(group, impl, whitened_factors, weight, cov, rank, rounds=3)
         return
     method = impl.split()[1]
-    # emloc's route: the whitened form where m >= n, the output-space form where m < n (DESIGN 1.3b).
+    # emloc's route: the whitened form where m >= n, the output-space form where m < n (docs/design.md §1.4).
     if m >= n:
         timed(group, impl, lambda: whitened_lowrank(weight, whitening(cov), rank, method=method), rounds=3)
     else:
@@ -112,3 +114,32 @@ def test_emulator_linear(timed, name, passes, impl):
     else:
         with torch.no_grad():
             timed(group, impl, fn, *args)
+
+
+# --- lm_head_cross_entropy -----------------------------------------------------------------------------
+
+
+def naive_lm_head_loss(hidden, weight, labels, normalizer):
+    """The full ``(T, vocab)`` fp32 logits, then cross entropy, as a plain training loop computes it."""
+    return F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="sum") / normalizer
+
+
+def loss_backward(fn, *args):
+    fn(*args).backward()
+
+
+@pytest.mark.parametrize("impl", ("naive", "emloc"))
+@pytest.mark.parametrize("model", LM_HEADS)
+def test_lm_head_cross_entropy(timed, model, impl):
+    vocab, hidden_size = (scaled(size) for size in LM_HEADS[model])
+    T, chunk = scaled(TRAINING_TOKENS), scaled(LM_HEAD_CHUNK)
+    hidden = torch.randn(T, hidden_size, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    weight = (torch.randn(vocab, hidden_size, device=DEVICE) / hidden_size**0.5).to(DTYPE)
+    labels = torch.randint(0, vocab, (T,), device=DEVICE)
+    if impl == "naive":
+        fn = naive_lm_head_loss
+    else:
+        def fn(*args):
+            return lm_head_cross_entropy(*args, chunk=chunk)[0]
+    group = f"lm_head_cross_entropy forward+backward {model} vocab={vocab} h={hidden_size} T={T} chunk={chunk}"
+    timed(group, impl, loss_backward, fn, hidden, weight, labels, float(T))

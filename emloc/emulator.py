@@ -1,6 +1,6 @@
 """Build the emulator layer by layer from a safetensors checkpoint, save it, resume it, load it.
 
-The build (DESIGN 1.1 to 1.4, 2, 5) never materialises the whole model:
+The build (docs/design.md §1.1-1.6, §2.1, §5.1) never materialises the whole model:
 
 1. the model skeleton lives on the meta device; the embedding is loaded to catch each block's inputs and
    keyword arguments for every calibration batch (:func:`emloc.models.capture_block_inputs`);
@@ -75,7 +75,7 @@ class BuildError(ValueError):
 @dataclass(frozen=True)
 class LinearPlan:
     """How one linear of a block is compressed: ``rank`` of its activation-aware factors, the exact route taken
-    (DESIGN 1.3 / 1.3b): ``"output"`` (output covariance, ``out < in``) or ``"input"`` (whitened SVD), and the
+    (docs/design.md §1.3 / §1.4): ``"output"`` (output covariance, ``out < in``) or ``"input"`` (whitened SVD), and the
     ``heal_rank`` that healing adds (:mod:`emloc.healing`; the ratio's rank budget is ``rank + heal_rank``)."""
 
     name: str
@@ -225,7 +225,7 @@ def run_block(block: nn.Module, inputs: Iterable[BlockInput], sink: Sink) -> Non
 def compress_block(block: nn.Module, plan: list[list[LinearPlan]], covariances: dict[str, Tensor],
                    svd: Literal["exact", "randomized"] = "exact", seed: int = 0) -> dict[str, dict]:
     """Replace each planned linear of ``block`` by an :class:`EmulatorLinear` in the block's dtype, taking the
-    smaller eigenproblem to the same optimum: output space (DESIGN 1.3b) for ``out <= in``, from the
+    smaller eigenproblem to the same optimum: output space (docs/design.md §1.4) for ``out <= in``, from the
     accumulated output covariance or from ``W C W^T``; otherwise the whitened form, with one whitening
     (eigendecomposition) per input group shared by its linears. Returns ``{name: {"rank", "form", "error"}}``
     where ``error`` is the relative reconstruction error ``||(W - u v) X^T|| / ||W X^T||`` on the calibration
@@ -565,7 +565,7 @@ def build_emulator(
     Args:
         model_path: a transformers causal-LM directory with safetensors shards and a tokenizer.
         data: calibration file (JSONL with ``text`` / ``messages`` / ``conversations``, or ``.txt``).
-        output_dir: the emulator directory (DESIGN 5); loaded with :func:`load_emulator`.
+        output_dir: the emulator directory (docs/design.md §5.1); loaded with :func:`load_emulator`.
         compression: one ratio in (0, 1] for every linear of the decoder blocks, or ``{regex: ratio}`` over
             full module names (first match wins). Rank ``floor(ratio m n / (m + n))``; layers where that
             saves no parameters stay dense.

@@ -1,4 +1,5 @@
-"""Export a corrected adapter for the original model (DESIGN 1.7): a PEFT adapter directory, or merged weights.
+"""Export a corrected adapter for the original model (docs/design.md §1.10, §5.4): a PEFT adapter directory, or
+merged weights.
 
 The adapter directory loads with ``peft.PeftModel.from_pretrained(original_model, directory)``; the merged
 checkpoint (``W + s B A`` in every adapted layer) is written shard by shard with the original's shard names and

@@ -100,7 +100,7 @@ def add_lora(model: nn.Module, target: str | list[str] | None = None, r: int = 8
         model: an emulator (or any model); its matching :class:`EmulatorLinear` layers get LoRA fused into
             their kernel, matching dense ``nn.Linear`` layers become :class:`LoraLinear`.
         target: a regular expression over full module names, or a list of names / name suffixes; by default
-            every linear except the LM head (DESIGN 1.5: all attention and MLP linears).
+            every linear except the LM head (docs/design.md §1.8: all attention and MLP linears).
         r, alpha, rslora: rank and scaling (``alpha / r``, or ``alpha / sqrt(r)``); ``alpha`` defaults to ``r``.
         dropout: LoRA dropout probability.
         dtype: dtype of the LoRA weights (fp32 by default, whatever the base dtype).

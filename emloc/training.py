@@ -1,10 +1,9 @@
-"""Training LoRA on an emulator (DESIGN 1.5): the loss, one optimizer step, and the loop around them.
+"""Training LoRA on an emulator (docs/design.md §1.8): the loss, one optimizer step, and the loop around them.
 
-* :func:`lm_head_cross_entropy` runs the LM head and cross entropy chunk by chunk and computes the hidden-state
-  gradient in the forward pass, so full fp32 logits never exist (only one ``(chunk, vocab)`` block at a time).
 * :class:`CausalLMLoss` is a model's whole loss as a module (wrappable by DDP; callable on meta tensors for a
-  memory dry run); only positions with a target reach the LM head. :func:`training_step` is one optimizer
-  step over micro-batches.
+  memory dry run), its LM head and cross entropy chunked by :func:`emloc_kernels.lm_head_cross_entropy` so
+  full fp32 logits never exist, and only positions with a target reach the LM head; :func:`training_step` is
+  one optimizer step over micro-batches.
 * :func:`place_input_embedding` keeps an untied input embedding on the host: it is only looked up, so only the
   looked-up rows travel to the device (the memory plan's default, ``TrainConfig.embeddings_on_device``).
 * :func:`train` is the loop: AdamW over the LoRA weights only (fp32 state), cosine schedule with warm-up,
@@ -28,6 +27,8 @@ import transformers
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from emloc_kernels import lm_head_cross_entropy
+
 from .data import IGNORE, collate, load_examples, split_examples, target_tokens
 from .lora import LoraAdapter, add_lora, atomic_write_text, lora_modules, lora_parameters
 
@@ -38,7 +39,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 @dataclass
 class TrainConfig:
-    """Training settings; the defaults follow the reference recipe of DESIGN 1.5.
+    """Training settings; the defaults follow the reference recipe (docs/design.md §1.8).
 
     The global batch per optimizer step is ``micro_batch_size * grad_accum * world_size`` examples. Less obvious
     fields: ``lora_target`` (regex or names, see :func:`emloc.add_lora`; None: every linear but the LM head),
@@ -79,63 +80,6 @@ class TrainConfig:
 
 
 # --- loss ------------------------------------------------------------------------------------------------
-
-
-class _ChunkedLMHeadLoss(torch.autograd.Function):
-    """Sum of token cross entropies over ``normalizer``, with the hidden gradient computed chunk by chunk."""
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, softcap: float | None,
-                normalizer: Tensor) -> tuple[Tensor, Tensor]:
-        n = hidden.shape[0]
-        loss = hidden.new_zeros((), dtype=torch.float32)
-        correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
-        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        for start in range(0, n, chunk):
-            h, y = hidden[start:start + chunk], labels[start:start + chunk]
-            logits = (h @ weight.T).float()
-            if softcap:
-                capped = torch.tanh(logits / softcap)
-                logits = capped * softcap
-            valid = y != IGNORE
-            target = y.clamp(min=0)[:, None]
-            lse = torch.logsumexp(logits, dim=-1)
-            loss = loss + ((lse - logits.gather(1, target)[:, 0]) * valid).sum()
-            correct[start:start + chunk] = logits.argmax(-1) == y
-            if grad is not None:
-                g = torch.exp(logits - lse[:, None])  # softmax, reusing the logsumexp
-                g.scatter_add_(1, target, torch.full_like(target, -1, dtype=g.dtype))
-                g *= (valid / normalizer)[:, None]
-                if softcap:
-                    g *= 1 - capped * capped
-                grad[start:start + chunk] = g.to(h.dtype) @ weight
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(correct)
-        return loss / normalizer, correct
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor, grad_correct: Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
-
-
-def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, normalizer: Tensor | float,
-                          chunk: int = 1024, softcap: float | None = None) -> tuple[Tensor, Tensor]:
-    """Cross entropy of ``softcap(hidden @ weight^T)`` against ``labels``, summed and divided by ``normalizer``.
-
-    Args:
-        hidden: ``(N, h)`` final hidden states (already aligned with ``labels``: position t predicts label t).
-        weight: ``(V, h)`` frozen LM-head weight (no gradient flows to it).
-        labels: ``(N,)`` token ids, ``-100`` where there is no loss.
-        normalizer: what the summed loss is divided by (the global number of target tokens).
-        chunk: rows per LM-head block; peak extra memory is about ``3 * chunk * V`` fp32 values.
-        softcap: Gemma-style final logit soft-capping ``c * tanh(logits / c)``.
-
-    Returns ``(loss, correct)``: the scalar loss (differentiable in ``hidden``) and a bool ``(N,)`` telling where
-    the argmax of the logits is the label (False where the label is -100).
-    """
-    normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=hidden.device)
-    return _ChunkedLMHeadLoss.apply(hidden, weight.detach(), labels, chunk, softcap, normalizer)
 
 
 def compute_device(model: nn.Module) -> torch.device:
@@ -195,13 +139,13 @@ class CausalLMLoss(nn.Module):
         hidden = hidden.reshape(-1, hidden.shape[-1])
         if hidden.device.type == "meta":  # a dry run plans for every position having a target
             loss, correct = lm_head_cross_entropy(hidden, self.model.get_output_embeddings().weight, shifted,
-                                                  normalizer, self.chunk, self.softcap)
+                                                  normalizer, self.chunk, self.softcap, ignore_index=IGNORE)
             return loss, correct.view_as(labels)
         # Only positions with a target reach the LM head: on chat data (short answers after long prompts) the
         # head over every position would be most of the step. Selecting costs one host sync per micro-batch.
         targets = (shifted != IGNORE).nonzero()[:, 0]
         loss, hit = lm_head_cross_entropy(hidden[targets], self.model.get_output_embeddings().weight,
-                                          shifted[targets], normalizer, self.chunk, self.softcap)
+                                          shifted[targets], normalizer, self.chunk, self.softcap, ignore_index=IGNORE)
         correct = torch.zeros(shifted.shape, dtype=torch.bool, device=hit.device).index_copy_(0, targets, hit)
         return loss, correct.view_as(labels)
 
@@ -233,7 +177,11 @@ def training_step(loss_module: nn.Module, micro_batches: list[dict[str, Tensor]]
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
-    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to zero."""
+    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to zero.
+
+    The first step runs at ``1 / warmup`` of the rate. ``transformers.get_cosine_schedule_with_warmup`` has the
+    same decay but a warm-up one step behind, starting at zero: a one-step run would not train.
+    """
     warmup = math.ceil(warmup_ratio * total_steps)
 
     def factor(step: int) -> float:

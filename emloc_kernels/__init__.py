@@ -6,9 +6,11 @@ Public API (the contract the pipeline and users call):
 * :func:`whitening`, :func:`whitened_lowrank`, :func:`projected_lowrank` - activation-aware low-rank factors.
 * :func:`emulator_linear` - the fused emulator layer ``U (V x) + b + s B (A x)`` with autograd.
 * :func:`scaled_matmul` - the GEMM with fused diagonal scalings and final cast the factor code is built on.
+* :func:`lm_head_cross_entropy` - LM head and cross entropy chunk by chunk, so full logits never exist.
 
-Each runs a Triton kernel on CUDA tensors (or in the interpreter with ``TRITON_INTERPRET=1``) and the torch
-reference otherwise; ``EMLOC_BACKEND=torch|triton`` overrides (see :mod:`emloc_kernels.backend`).
+Each op with a Triton kernel runs it on CUDA tensors (or in the interpreter with ``TRITON_INTERPRET=1``) and
+the torch reference otherwise; ``EMLOC_BACKEND=torch|triton`` overrides (see :mod:`emloc_kernels.backend`).
+The chunked loss is plain torch on every device (see :mod:`emloc_kernels.cross_entropy`).
 """
 from __future__ import annotations
 
@@ -16,12 +18,14 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .cross_entropy import lm_head_cross_entropy
 from .lowrank import Whitening, projected_lowrank, whitened_lowrank, whitening
 
 __all__ = [
     "Whitening",
     "covariance_update",
     "emulator_linear",
+    "lm_head_cross_entropy",
     "projected_lowrank",
     "scaled_matmul",
     "whitened_lowrank",

@@ -1,4 +1,4 @@
-"""Activation-aware low-rank factors of a linear layer (DESIGN 1.2, 1.3, 1.3b).
+"""Activation-aware low-rank factors of a linear layer (docs/design.md §1.2-1.4).
 
 Both forms give the minimiser of ``||(W - u v) X^T||_F`` over rank-r matrices (the whitened form exactly
 while ``X^T X`` is nonsingular, to within the eigenvalue clamp otherwise):
@@ -45,7 +45,7 @@ class Whitening:
 
 
 def whitening(cov: Tensor, eps: float = 1e-7) -> Whitening:
-    """Eigen-based whitening of an input covariance ``cov (n, n)`` (DESIGN 1.2).
+    """Eigen-based whitening of an input covariance ``cov (n, n)`` (docs/design.md §1.2).
 
     The eigendecomposition runs on ``cov / (trace / n)`` for conditioning; eigenvalues below ``eps`` (relative
     to that normalisation) are clamped up to it so that ``S`` is invertible, then scaled back.
@@ -99,7 +99,7 @@ def whitened_lowrank(
     with_error: bool = False,
 ) -> tuple[Tensor, ...]:
     """Input-space factors ``u (m, r)``, ``v (r, n)`` with ``u v`` the best rank-r approximation of ``weight``
-    under the calibration covariance (DESIGN 1.3): ``W S = P diag(sigma) R^T``, ``u = P_r diag(sqrt sigma_r)``,
+    under the calibration covariance (docs/design.md §1.3): ``W S = P diag(sigma) R^T``, ``u = P_r diag(sqrt sigma_r)``,
     ``v = diag(sqrt sigma_r) R_r^T S^-1``. Returned in the whitening's dtype (fp32 unless it is fp64).
 
     ``method="exact"`` takes ``R`` and ``sigma^2`` from the eigendecomposition of the ``n x n`` Gram matrix
@@ -167,7 +167,7 @@ def projected_lowrank(
     generator: torch.Generator | None = None,
     with_error: bool = False,
 ) -> tuple[Tensor, ...]:
-    """Output-space factors (DESIGN 1.3b): ``u = P_r`` (m, r), the top-r eigenvectors of ``out_cov = Y^T Y``
+    """Output-space factors (docs/design.md §1.4): ``u = P_r`` (m, r), the top-r eigenvectors of ``out_cov = Y^T Y``
     (the layer's output covariance without bias, or ``W C W^T``), and ``v = P_r^T W`` (r, n). Returned in
     out_cov's dtype.
 

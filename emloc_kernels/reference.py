@@ -1,9 +1,10 @@
-"""Plain PyTorch implementations of every emloc kernel: the specification the Triton kernels are tested against.
+"""Plain PyTorch implementations of every emloc op: the specification the Triton kernels, and the chunked
+LM-head loss, are tested against.
 
 They favour clarity over speed and accumulate in fp32 (fp64 for fp64 inputs), casting only the final
-result, which is exactly what the kernels must reproduce. They are also the torch backend that builds run
-on a CPU, so where the kernel's own savings cost no clarity they keep them: the covariance computes only
-its upper triangle, and the scaled product makes no full-size temporaries.
+result, which is exactly what the kernels must reproduce. Those with a Triton kernel are also the torch
+backend that builds run on a CPU, so where the kernel's own savings cost no clarity they keep them: the
+covariance computes only its upper triangle, and the scaled product makes no full-size temporaries.
 """
 from __future__ import annotations
 
@@ -118,3 +119,26 @@ def emulator_linear_backward(
         grad_a = (dya.T @ x.to(acc)).to(lora_a.dtype)
         grad_b = (scaling * (dy.T @ xa.to(acc))).to(lora_b.dtype)
     return dx.to(x.dtype), grad_a, grad_b
+
+
+def lm_head_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    normalizer: float | Tensor,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor]:
+    """``sum_t CE(softcap(hidden_t weight^T), labels_t) / normalizer`` from the full ``(N, V)`` logits.
+
+    ``hidden (N, h)``, ``weight (V, h)``, ``labels (N,)`` with ``ignore_index`` where there is no loss; softcap
+    is ``c tanh(logits / c)``. Returns the scalar loss (fp32, fp64 for fp64 inputs; differentiable through
+    autograd) and where the argmax of the logits is the label (False where it is ignored). The chunked
+    :func:`emloc_kernels.lm_head_cross_entropy` must agree with it without ever holding all the logits.
+    """
+    acc = accumulation_dtype(hidden, weight)
+    logits = hidden.to(acc) @ weight.to(acc).T
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    return loss / normalizer, (logits.argmax(-1) == labels) & (labels != ignore_index)

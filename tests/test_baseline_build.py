@@ -1,6 +1,6 @@
 """The baseline build of ``benchmarks/baseline_build.py`` is right, so that measuring against it is fair.
 
-Its factors are checked against the optimum of DESIGN 1.3 computed independently in float64 from the
+Its factors are checked against the optimum of docs/design.md §1.3 computed independently in float64 from the
 activations of each calibration sample run alone (no padding anywhere), and against emloc's build on the
 same checkpoint and calibration file.
 """

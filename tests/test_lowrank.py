@@ -1,7 +1,7 @@
 """Low-rank factor construction: the scaled GEMM kernel and the whitened / output-space factors.
 
 scaled_matmul runs its Triton kernel (interpreted on the CPU) and is compared with a float64 product of the
-same inputs. The factor tests check the optimality that defines the method (DESIGN 1.3, 1.3b): ``u v``
+same inputs. The factor tests check the optimality that defines the method (docs/design.md §1.3, §1.4): ``u v``
 minimises ``||(W - u v) X^T||_F`` over rank-r matrices, with minimum ``sqrt(sum_{i>r} sigma_i(W X^T)^2)``.
 """
 from __future__ import annotations

@@ -135,9 +135,9 @@ def test_budget_run_follows_the_plan_and_its_training_peak(budget_inputs, tmp_pa
         used["calibration_batches"] += [len(b.input_ids) for b in made]
         return made
 
-    def spy_cross_entropy(hidden, weight, labels, normalizer, chunk=1024, softcap=None):
+    def spy_cross_entropy(hidden, weight, labels, normalizer, chunk=1024, softcap=None, **kwargs):
         used["chunks"].append((hidden.shape[0], chunk))
-        return cross_entropy(hidden, weight, labels, normalizer, chunk, softcap)
+        return cross_entropy(hidden, weight, labels, normalizer, chunk, softcap, **kwargs)
 
     def spy_place(model_, on_device):
         used["embedding_on_device"].append(on_device)

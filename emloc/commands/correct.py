@@ -7,8 +7,8 @@ import argparse
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "correct", help="correct a LoRA trained on an emulator for the original model",
-        description="LoRA correction (DESIGN 1.6), one layer at a time from the shards: the corrected adapter makes "
-                    "the original model do on the LoRA input space what the emulator did in training.")
+        description="LoRA correction (docs/design.md §1.9), one layer at a time from the shards: the corrected "
+                    "adapter makes the original model do on the LoRA input space what the emulator did in training.")
     parser.add_argument("model", help="original model directory")
     parser.add_argument("emulator", help="emulator directory the adapter was trained on")
     parser.add_argument("adapter", help="trained adapter directory (OUT/adapter of `emloc train`)")

@@ -64,7 +64,7 @@ def _not_concurrent(first: int, second: int) -> int:
 
 
 def rank(ratio: float, linear: Linear) -> int | None:
-    """Rank kept for ``linear`` at ``ratio`` (DESIGN 1.3), None when the layer stays dense."""
+    """Rank kept for ``linear`` at ``ratio`` (docs/design.md §1.5), None when the layer stays dense."""
     m, n = linear.out_features, linear.in_features
     r = max(1, math.floor(ratio * m * n / (m + n)))
     return r if r * (m + n) < m * n else None

@@ -2,7 +2,7 @@
 
 A language model is one stack of decoder blocks; a vision-language model (InternVL) adds the vision tower
 as a second stack and its projector. Linears that read the same input name the same ``group``: they share
-one calibration covariance (DESIGN 1.1).
+one calibration covariance (docs/design.md §1.1).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Streaming covariance ``cov += x_sel^T x_sel`` (DESIGN 1.1 and 4).
+"""Streaming covariance ``cov += x_sel^T x_sel`` (docs/design.md §1.1, §4.2).
 
 One program owns one tile pair ``(i, j)`` with ``i <= j`` of the ``(n, n)`` result: the grid is 1-D over
 the upper-triangular tile pairs, so the symmetric half below the diagonal costs no FLOPs. Each program

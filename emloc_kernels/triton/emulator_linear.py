@@ -1,4 +1,4 @@
-"""Fused emulator layer ``y = (x v^T) u^T + bias + s (x a^T) b^T`` and its backward (DESIGN 1.5, 4).
+"""Fused emulator layer ``y = (x v^T) u^T + bias + s (x a^T) b^T`` and its backward (docs/design.md §1.8, §4.5).
 
 Two GEMM kernels carry all the work, each launched for both passes:
 

@@ -1,4 +1,5 @@
-"""The GEMM behind the low-rank factors: ``diag(row) @ a @ diag(inner) @ b @ diag(col)`` (DESIGN 1.3, 1.3b, 4).
+"""The GEMM behind the low-rank factors: ``diag(row) @ a @ diag(inner) @ b @ diag(col)``
+(docs/design.md §1.3, §1.4, §4.3).
 
 The inner scaling multiplies each a-tile in registers and the row/column scalings and the cast to the output
 dtype happen in the epilogue, so no scaled intermediate (``W diag(s)``, ``diag(1/s) Q^T``) is ever written
