@@ -21,6 +21,10 @@ LINEARS = {
     for m, n, _ in [MODELS[model][name]]
 }
 
+# The distinct input widths a covariance is accumulated over: hidden sizes and MLP widths (the down
+# projections' inputs).
+COVARIANCE_WIDTHS = {"7B hidden": 4096, "7B mlp": 11008, "8B mlp": 14336, "32B hidden": 5120, "32B mlp": 27648}
+
 RATIO = 0.4  # fraction of a layer's parameters the emulator keeps
 LORA_RANK = 8
 LORA_ALPHA = 16
