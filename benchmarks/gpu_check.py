@@ -246,11 +246,17 @@ def problems(results: dict) -> list[str]:
                          f"{row['rel_diff']:.2e} (bound {row['bound']:.1e})")
     for model in results["parts"].get("pipeline", {}).get("models", []):
         for stage in model.get("stages", []):
-            if stage["measured_bytes"] > MEMORY_TOLERANCE * stage["planned_bytes"]:
+            if over_plan(stage) > MEMORY_TOLERANCE:
                 found.append(f"pipeline: {model['name']} {stage['name']}: {stage['measured_bytes'] / GiB:.2f} GiB "
-                             f"measured, {stage['measured_bytes'] / stage['planned_bytes']:.2f}x the plan's "
-                             f"{stage['planned_bytes'] / GiB:.2f} GiB")
+                             f"measured, {over_plan(stage):.2f}x the plan's {stage['planned_bytes'] / GiB:.2f} GiB")
     return found
+
+
+def over_plan(stage: dict) -> float:
+    """A stage's measured peak over its planned one (infinite for memory the plan did not expect at all)."""
+    if stage["planned_bytes"] <= 0:
+        return float("inf") if stage["measured_bytes"] > 0 else 0.0
+    return stage["measured_bytes"] / stage["planned_bytes"]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -288,7 +294,7 @@ def _pipeline_section(part: dict) -> list[str]:
     rows = []
     for model in part.get("models", []):
         for stage in model.get("stages", []):
-            ratio = stage["measured_bytes"] / stage["planned_bytes"]
+            ratio = over_plan(stage)
             rows.append([model["name"], stage["name"], f"{stage['seconds']:.1f}",
                          f"{stage['measured_bytes'] / GiB:.2f}", f"{stage['planned_bytes'] / GiB:.2f}",
                          f"{ratio:.2f}" + (" OVER" if ratio > MEMORY_TOLERANCE else "")])

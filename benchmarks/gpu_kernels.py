@@ -156,16 +156,17 @@ def emulator_inputs(m: int, n: int, r: int, training: bool) -> tuple:
 
 
 def _outputs(fn, args: tuple, grad: torch.Tensor | None) -> list[torch.Tensor]:
-    """``y``, and with ``grad`` the gradients of x, lora_a and lora_b, from one fresh call."""
-    for t in args[:6]:
-        if isinstance(t, torch.Tensor):
-            t.grad = None
+    """``y``, and with ``grad`` the gradients of x, lora_a and lora_b, from one fresh call (copies: the timed
+    calls that follow accumulate into the same ``.grad`` tensors)."""
     if grad is None:
         with torch.no_grad():
             return [fn(*args)]
+    leaves = (args[0], args[4], args[5])
+    for t in leaves:
+        t.grad = None
     y = fn(*args)
     y.backward(grad)
-    return [y.detach(), args[0].grad, args[4].grad, args[5].grad]
+    return [y.detach(), *(t.grad.clone() for t in leaves)]
 
 
 def bench_emulator(name: str, training: bool, rounds: int, peaks: dict) -> dict:

@@ -28,8 +28,8 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.append(str(BENCHMARKS.parent / "tests"))
 
-from build_workload import RATIO, Workload, run_baseline, write_word_tokenizer  # noqa: E402
-from checkpoints import save_sharded  # noqa: E402
+from build_workload import RATIO, Workload, run_baseline  # noqa: E402
+from checkpoints import make_tokenizer, random_sentence, save_sharded  # noqa: E402
 
 DEVICE, DTYPE = "cuda", torch.bfloat16
 VOCAB = 32768  # instead of 128256 / 152064: the layer shapes are the real ones, the embeddings a quarter
@@ -61,9 +61,10 @@ def model_config(model: Model, blocks: int) -> dict:
             "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
 
 
-def make_checkpoint(directory: Path, config: dict) -> list[str]:
-    """A random-init bf16 checkpoint of ``config`` (initialised on the GPU, saved as sharded safetensors with
-    a word-level tokenizer) in ``directory``; returns the tokenizer's words."""
+def make_checkpoint(directory: Path, config: dict) -> Path:
+    """A random-init bf16 checkpoint of ``config`` in ``directory``: initialised on the GPU, saved as sharded
+    safetensors, with the test suite's small BPE tokenizer (a word-level one would not do: transformers
+    loads a Qwen2 checkpoint's tokenizer as the BPE ``Qwen2Tokenizer``)."""
     import transformers
 
     settings = {k: v for k, v in config.items() if k != "model_type"}
@@ -74,14 +75,15 @@ def make_checkpoint(directory: Path, config: dict) -> list[str]:
     save_sharded({k: v.cpu() for k, v in model.state_dict().items()}, directory, config["num_hidden_layers"] + 1)
     hf_config.save_pretrained(directory)
     del model
-    return write_word_tokenizer(directory, VOCAB)
+    make_tokenizer(directory)
+    return directory
 
 
-def write_data(path: Path, words: list[str]) -> Path:
+def write_data(path: Path) -> Path:
     """``ROWS`` texts of more than ``SEQ_LEN`` words: every sample is truncated to exactly ``SEQ_LEN`` tokens."""
     rng = random.Random(0)
-    path.write_text("".join(json.dumps({"text": " ".join(rng.choices(words, k=SEQ_LEN + 8))}) + "\n"
-                            for _ in range(ROWS)))
+    texts = (" ".join(random_sentence(rng) for _ in range(SEQ_LEN // 4)) for _ in range(ROWS))
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
     return path
 
 
@@ -117,8 +119,8 @@ def run_model(key: str, work: Path, quick: bool) -> dict:
     model, blocks, steps = MODELS[key], QUICK_BLOCKS if quick else BLOCKS, QUICK_STEPS if quick else STEPS
     directory = work / key
     config = model_config(model, blocks)
-    source = directory / "source"
-    data = write_data(directory / "data.jsonl", make_checkpoint(source, config))
+    source = make_checkpoint(directory / "source", config)
+    data = write_data(directory / "data.jsonl")
     train_config = TrainConfig(output_dir=str(directory / "train"), max_steps=steps, micro_batch_size=BATCH,
                                grad_accum=1, max_length=SEQ_LEN, lora_r=LORA_R, eval_fraction=0.1,
                                save_steps=steps, resume=False, progress=False)
