@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parts", type=_part_list, default=list(PARTS),
                         help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer cases, rounds, blocks and steps: the whole check in about 3 minutes")
+                        help="fewer cases (bf16 tests, 32B kernel shapes), rounds, blocks and steps")
     parser.add_argument("--reference", default="llama3-8b",
                         help="models whose reference build is timed, comma-separated, or 'none' (default "
                              "%(default)s; qwen2.5-32b's eigendecompositions of 27648 x 27648 take minutes)")

@@ -141,7 +141,8 @@ class _LaunchSpy:
 
 
 def test_triton_path_runs_and_splits_long_reductions(triton_backend, seed, monkeypatch):
-    """The launchers really run (interpreted here); a long token axis splits the LoRA weight gradients."""
+    """The launchers really run (interpreted without a GPU); a token axis longer than two split-K chunks of this
+    machine's tiles splits the LoRA weight gradients."""
     calls = []
     for name in ("emulator_linear_forward", "emulator_linear_backward"):
         launcher = getattr(triton_emulator_linear, name)
@@ -154,7 +155,8 @@ def test_triton_path_runs_and_splits_long_reductions(triton_backend, seed, monke
 
     n, r, m, k = 40, 9, 45, 5
     params = make_layer(n, r, m, k, torch.float32)
-    x = torch.randn(257, n, device=DEVICE).requires_grad_()
+    tokens = 2 * triton_emulator_linear._tiles(torch.empty(0)).min_split_k + 1
+    x = torch.randn(tokens, n, device=DEVICE).requires_grad_()
     check_forward_backward(x, params, torch.float32)
     assert calls == ["emulator_linear_forward", "emulator_linear_backward"]
     assert len(projection.grids) == 2 and len(expansion.grids) == 4  # y; dx, da, db
