@@ -77,12 +77,12 @@ def _part_list(value: str) -> list[str]:
                                          f"choose from {', '.join(PARTS)}")
     if "reference" in names and "pipeline" not in names:
         raise argparse.ArgumentTypeError("the reference part times the blocks the pipeline part builds: "
-                                         "give both, or neither")
+                                         "add pipeline")
     return [name for name in PARTS if name in names]  # always in this order: reference needs pipeline
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--out", type=Path, default=Path("gpu-check-results"),
                         help="folder for results.json, summary.md and the parts' logs (default %(default)s)")
     parser.add_argument("--parts", type=_part_list, default=list(PARTS),
@@ -94,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "%(default)s; qwen2.5-32b's eigendecompositions of 27648 x 27648 take minutes)")
     parser.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)  # a part's own process
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # the parts run from the repository root
     args.work = args.out / "work"  # checkpoints the pipeline writes and the reference reads; removed at the end
     return args
 
@@ -199,7 +200,8 @@ def spawn_part(name: str, args: argparse.Namespace, budget_s: float) -> dict:
     at most ``budget_s`` seconds; returns its record, marked ``timeout`` or ``error`` as it ended."""
     command = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--out", str(args.out),
                "--reference", args.reference, *(["--quick"] if args.quick else [])]
-    log = args.out / f"{name}.log"
+    log, path = args.out / f"{name}.log", args.out / f"{name}.json"
+    path.unlink(missing_ok=True)  # a record left by an earlier run must not pass for this one's
     started = time.perf_counter()
     with open(log, "w") as output:
         process = subprocess.Popen(command, cwd=REPO, env=child_env(budget_s), stdout=output,
@@ -211,7 +213,6 @@ def spawn_part(name: str, args: argparse.Namespace, budget_s: float) -> dict:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             timed_out = True
-    path = args.out / f"{name}.json"
     record = json.loads(path.read_text()) if path.is_file() else {"part": name}
     record.update(budget_s=round(budget_s), seconds=round(time.perf_counter() - started, 1))
     if timed_out:

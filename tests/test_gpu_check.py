@@ -38,7 +38,8 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_at_once(tmp_path):
 def test_default_arguments_run_every_part():
     args = gpu_check.parse_args([])
     assert args.parts == ["tests", "kernels", "pipeline", "reference"]
-    assert (args.out, args.quick, args.reference, args.part) == (Path("gpu-check-results"), False, "llama3-8b", None)
+    assert (args.out, args.quick, args.reference, args.part) == \
+        (Path("gpu-check-results").resolve(), False, "llama3-8b", None)
     assert args.work == args.out / "work"
 
 
@@ -198,6 +199,17 @@ def test_driver_runs_the_parts_reports_and_sets_the_exit_status(tmp_path, monkey
     recorded["parts"]["kernels"]["status"] = "timeout"
     assert gpu_check.main(["--out", str(out), "--parts", "kernels"]) == gpu_check.EXIT_FAILED
     assert "kernels: timeout" in (out / "summary.md").read_text()
+
+
+def test_a_part_past_its_budget_is_stopped_with_its_children(tmp_path):
+    """The tests part starts pytest processes; at the budget the whole process group goes, and the record
+    says timeout."""
+    args = gpu_check.parse_args(["--out", str(tmp_path), "--parts", "tests"])
+    started = time.perf_counter()
+    record = gpu_check.spawn_part("tests", args, 1.5)
+    assert time.perf_counter() - started < 10
+    assert record["part"] == "tests" and record["status"] == "timeout" and record["budget_s"] == 2
+    assert (tmp_path / "tests.log").is_file()
 
 
 def test_a_part_that_raises_records_its_traceback(tmp_path, monkeypatch):
