@@ -1,7 +1,8 @@
 # Set-up commands for a fresh clone: `make demo` runs the built-in demo, `make test` the test suite,
 # `make lint` ruff over the code (settings in pyproject.toml).
 # Both create (or reuse) a virtualenv in .venv, keep a torch that is already importable there or else
-# install the CPU-friendly torch==2.13.0, then install emloc itself.
+# install the CPU-friendly torch==2.13.0, then install emloc itself. `make gpu-check` is the exception: on a
+# CUDA machine it uses that machine's own $(PYTHON) and installs nothing (benchmarks/README.md, "GPU check").
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
@@ -12,7 +13,9 @@ ifeq ($(HAS_GPU),)
 export TRITON_INTERPRET ?= 1
 endif
 
-.PHONY: install install-test lint test test-slow bench demo clean
+GPU_CHECK_OUT ?= gpu-check-results
+
+.PHONY: install install-test lint test test-slow bench gpu-check demo clean
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -39,9 +42,15 @@ test-slow: install-test
 bench: install-test
 	TRITON_INTERPRET=0 $(PY) -m pytest -q benchmarks --benchmark-only
 
+# Kernel tests natively, kernel benchmarks, the pipeline at real layer shapes: results in $(GPU_CHECK_OUT).
+# No venv, no install: the checkout goes on PYTHONPATH and the kernels are compiled, never interpreted.
+gpu-check:
+	env -u TRITON_INTERPRET PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" \
+		$(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
 demo: install
 	$(PY) -m pip install -q -e ".[demo]"
 	$(VENV)/bin/emloc demo
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache $(GPU_CHECK_OUT)

@@ -57,9 +57,11 @@ def input_covariances(model: nn.Module, linears: dict[str, nn.Linear],
                       batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
     """``X^T X`` of every linear's input over the non-padding tokens of ``batches`` (input_ids, attention_mask).
 
-    One full forward of the original model per batch; each linear's hook keeps its own fp32 accumulator.
+    One full forward of the original model per batch, on the model's device; each linear's hook keeps its
+    own fp32 accumulator there.
     """
-    covariances = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
+    device = next(model.parameters()).device
+    covariances = {name: torch.zeros(m.in_features, m.in_features, device=device) for name, m in linears.items()}
     current_mask: list[Tensor] = []
 
     def accumulate(name: str):
@@ -72,6 +74,7 @@ def input_covariances(model: nn.Module, linears: dict[str, nn.Linear],
     try:
         with torch.no_grad():
             for input_ids, attention_mask in batches:
+                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
                 current_mask[:] = [attention_mask.bool()]
                 # The base model only: the LM head's logits are not needed for any covariance.
                 model.base_model(input_ids=input_ids, attention_mask=attention_mask)
@@ -96,21 +99,23 @@ def whitened_factors(weight: Tensor, covariance: Tensor, rank: int) -> tuple[Ten
 
 
 def baseline_build(model_path: str | os.PathLike, batches: Iterable[tuple[Tensor, Tensor]], ratio: float,
-                   output_dir: str | os.PathLike | None = None) -> dict[str, LowRank]:
-    """Build the emulator of the checkpoint at ``model_path`` the reference way, in fp32 on the CPU.
+                   output_dir: str | os.PathLike | None = None, device: str = "cpu") -> dict[str, LowRank]:
+    """Build the emulator of the checkpoint at ``model_path`` the reference way, in fp32 (on the CPU unless
+    ``device`` says otherwise: ``make gpu-check`` times it on the GPU).
 
     Args:
         model_path: a transformers causal-LM directory (loaded whole).
         batches: calibration ``(input_ids, attention_mask)`` pairs; padding (mask 0) never enters a covariance.
         ratio: the fraction of parameters kept by every linear of the decoder blocks.
         output_dir: if given, the emulator's weights are written there as ``model.safetensors``.
+        device: where the whole model, its covariances and the factorisations live.
 
     Returns:
-        The factors of every compressed linear, by module name.
+        The factors of every compressed linear, by module name, on ``device``.
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
     linears = block_linears(model)
     covariances = input_covariances(model, linears, batches)
     factors = {}

@@ -106,9 +106,10 @@ def calibration_batches(model: Path, data: Path, workload: Workload) -> list[tup
     return [(b.input_ids, b.attention_mask) for b in make_batches(samples, workload.batch_size, tokenizer.pad_token_id)]
 
 
-def run_baseline(model: Path, data: Path, output: Path | None, workload: Workload) -> dict[str, LowRank]:
+def run_baseline(model: Path, data: Path, output: Path | None, workload: Workload,
+                 device: str = "cpu") -> dict[str, LowRank]:
     """The baseline end to end: tokenize, load the whole model, calibrate, factorise, write (unless no output)."""
-    return baseline_build(model, calibration_batches(model, data, workload), RATIO, output)
+    return baseline_build(model, calibration_batches(model, data, workload), RATIO, output, device)
 
 
 def run_ours(model: Path, data: Path, output: Path, workload: Workload, svd: str) -> Path:

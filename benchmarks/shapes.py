@@ -24,6 +24,10 @@ LINEARS = {
 # LM heads, "<model>" -> (vocab, hidden): Llama-2-7B, Llama-3-8B, Qwen2.5-32B.
 LM_HEADS = {"7B": (32000, 4096), "8B": (128256, 4096), "32B": (152064, 5120)}
 
+# The distinct input widths a covariance is accumulated over: hidden sizes and MLP widths (the down
+# projections' inputs).
+COVARIANCE_WIDTHS = {"7B hidden": 4096, "7B mlp": 11008, "8B mlp": 14336, "32B hidden": 5120, "32B mlp": 27648}
+
 RATIO = 0.4  # fraction of a layer's parameters the emulator keeps
 LORA_RANK = 8
 LORA_ALPHA = 16

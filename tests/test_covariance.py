@@ -8,7 +8,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from utils import FLOAT_DTYPES, REL_TOL, assert_close, non_contiguous
+from layer_shapes import covariance_cases
+from utils import DEVICE, FLOAT_DTYPES, REL_TOL, assert_close, non_contiguous
 
 from emloc_kernels import covariance_update, reference
 from emloc_kernels.backend import use_triton
@@ -16,7 +17,6 @@ from emloc_kernels.triton.covariance import _tile_pair
 
 TORCH_UPDATE = reference.covariance_update  # kept before the autouse fixture makes it unreachable
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = REL_TOL[torch.float32]
 # 1, odd, and sizes that are not multiples of the fp32 (64) or 16-bit (128) tile; 130 spans several tiles.
 FEATURES = (1, 37, 130)
@@ -64,6 +64,19 @@ def test_matches_float64(seed, dtype, n, T, masked):
     cov0 = random_covariance(n)
     cov = cov0.clone()
     assert covariance_update(cov, x, mask) is cov
+    assert_close(cov, expected(cov0, x, mask), rtol=TOL, what=f"cov (seed {seed})")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", covariance_cases())
+def test_layer_shapes_match_float64(seed, dtype, shape):
+    """One padded calibration micro-batch at a real layer width: thousands of tile pairs, int64 offsets."""
+    T, n = shape
+    x = torch.randn(T, n, device=DEVICE).to(dtype)
+    mask = torch.rand(T, device=DEVICE) >= 0.1
+    cov0 = random_covariance(n)
+    cov = cov0.clone()
+    covariance_update(cov, x, mask)
     assert_close(cov, expected(cov0, x, mask), rtol=TOL, what=f"cov (seed {seed})")
 
 

@@ -17,7 +17,8 @@ import torch
 import emloc_kernels
 from emloc import EmulatorLinear
 from emloc_kernels.triton import emulator_linear as triton_emulator_linear
-from tests.utils import FLOAT_DTYPES, assert_close, non_contiguous
+from tests.layer_shapes import emulator_cases
+from tests.utils import DEVICE, FLOAT_DTYPES, assert_close, non_contiguous
 
 # (tokens, in n, emulator rank r, out m, LoRA rank k): size one everywhere, odd sizes straddling the
 # interpreter's 32-wide tiles, and a rank wider than one tile.
@@ -25,15 +26,19 @@ SHAPES = [(1, 1, 1, 1, 1), (37, 70, 19, 45, 5), (20, 33, 40, 17, 3)]
 SCALING = 0.75
 
 
-def make_layer(n, r, m, k, dtype, lora_dtype=None, bias=True, lora=True):
+def make_layer(n, r, m, k, dtype, lora_dtype=None, bias=True, lora=True, device=DEVICE):
     """Random emulator factors (frozen) and optionally a bias and LoRA weights (trainable), all nonzero."""
     lora_dtype = lora_dtype or dtype
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device)
+
     return {
-        "v": (torch.randn(r, n) / n**0.5).to(dtype),
-        "u": (torch.randn(m, r) / r**0.5).to(dtype),
-        "bias": torch.randn(m).to(dtype).requires_grad_() if bias else None,
-        "lora_a": (torch.randn(k, n) / n**0.5).to(lora_dtype).requires_grad_() if lora else None,
-        "lora_b": torch.randn(m, k).to(lora_dtype).requires_grad_() if lora else None,
+        "v": (randn(r, n) / n**0.5).to(dtype),
+        "u": (randn(m, r) / r**0.5).to(dtype),
+        "bias": randn(m).to(dtype).requires_grad_() if bias else None,
+        "lora_a": (randn(k, n) / n**0.5).to(lora_dtype).requires_grad_() if lora else None,
+        "lora_b": randn(m, k).to(lora_dtype).requires_grad_() if lora else None,
     }
 
 
@@ -62,7 +67,7 @@ def check_forward_backward(x, params, dtype, scaling=SCALING, grad_y=None):
     assert y.dtype == x.dtype
     errors = {"y": assert_close(y, y_ref, dtype, what="y", magnitude=y_mag)}
     if grad_y is None:
-        grad_y = torch.randn(y.shape).to(y.dtype)
+        grad_y = torch.randn(y.shape, device=y.device).to(y.dtype)
     y.backward(grad_y)
     y_ref.backward(grad_y.double())
     y_mag.backward(grad_y.double().abs())
@@ -83,12 +88,12 @@ def triton_backend(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [*SHAPES, *emulator_cases()], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias,lora", [(True, True), (False, True), (True, False)], ids=["bias+lora", "lora", "bias"])
 def test_matches_float64(triton_backend, seed, dtype, shape, bias, lora):
     t, n, r, m, k = shape
     params = make_layer(n, r, m, k, dtype, bias=bias, lora=lora)
-    x = torch.randn(t, n).to(dtype).requires_grad_()
+    x = torch.randn(t, n, device=DEVICE).to(dtype).requires_grad_()
     check_forward_backward(x, params, dtype)
 
 
@@ -99,8 +104,8 @@ def test_3d_non_contiguous_inputs(triton_backend, seed, dtype):
     params = make_layer(n, r, m, k, dtype)
     params["v"] = params["v"].T.contiguous().T  # column-major (r, n)
     params["u"] = non_contiguous(params["u"])
-    x = non_contiguous(torch.randn(3, 5, n).to(dtype)).requires_grad_()
-    grad_y = torch.ones(()).to(dtype).expand(3, 5, m)
+    x = non_contiguous(torch.randn(3, 5, n, device=DEVICE).to(dtype)).requires_grad_()
+    grad_y = torch.ones((), device=DEVICE).to(dtype).expand(3, 5, m)
     assert grad_y.stride() == (0, 0, 0)
     check_forward_backward(x, params, dtype, grad_y=grad_y)
 
@@ -110,7 +115,7 @@ def test_mixed_dtypes(triton_backend, seed, base, lora):
     """An fp32 LoRA on a bf16 base (and the reverse): every gradient comes back in its own tensor's dtype."""
     n, r, m, k = 37, 13, 41, 6
     params = make_layer(n, r, m, k, base, lora_dtype=lora)
-    x = torch.randn(9, n).to(base).requires_grad_()
+    x = torch.randn(9, n, device=DEVICE).to(base).requires_grad_()
     check_forward_backward(x, params, torch.bfloat16)
 
 
@@ -119,7 +124,7 @@ def test_frozen_lora_still_shapes_the_input_gradient(triton_backend, seed):
     params = make_layer(29, 7, 21, 4, torch.float16)
     for name in ("bias", "lora_a", "lora_b"):
         params[name].requires_grad_(False)
-    x = torch.randn(11, 29).to(torch.float16).requires_grad_()
+    x = torch.randn(11, 29, device=DEVICE).to(torch.float16).requires_grad_()
     check_forward_backward(x, params, torch.float16)
     assert params["lora_a"].grad is None and params["lora_b"].grad is None
 
@@ -136,7 +141,8 @@ class _LaunchSpy:
 
 
 def test_triton_path_runs_and_splits_long_reductions(triton_backend, seed, monkeypatch):
-    """The launchers really run (interpreted here); a long token axis splits the LoRA weight gradients."""
+    """The launchers really run (interpreted without a GPU); a token axis longer than two split-K chunks of this
+    machine's tiles splits the LoRA weight gradients."""
     calls = []
     for name in ("emulator_linear_forward", "emulator_linear_backward"):
         launcher = getattr(triton_emulator_linear, name)
@@ -149,7 +155,8 @@ def test_triton_path_runs_and_splits_long_reductions(triton_backend, seed, monke
 
     n, r, m, k = 40, 9, 45, 5
     params = make_layer(n, r, m, k, torch.float32)
-    x = torch.randn(257, n).requires_grad_()
+    tokens = 2 * triton_emulator_linear._tiles(torch.empty(0)).min_split_k + 1
+    x = torch.randn(tokens, n, device=DEVICE).requires_grad_()
     check_forward_backward(x, params, torch.float32)
     assert calls == ["emulator_linear_forward", "emulator_linear_backward"]
     assert len(projection.grids) == 2 and len(expansion.grids) == 4  # y; dx, da, db
@@ -214,13 +221,13 @@ def test_kernels_compile_for_hopper():
 
 def test_empty_batch(triton_backend, seed):
     params = make_layer(7, 3, 5, 2, torch.float32)
-    x = torch.randn(0, 7).requires_grad_()
+    x = torch.randn(0, 7, device=DEVICE).requires_grad_()
     y = emloc_kernels.emulator_linear(x, *(params[k] for k in ("v", "u", "bias", "lora_a", "lora_b")), SCALING)
     assert y.shape == (0, 5)
     y.sum().backward()
     assert x.grad.shape == (0, 7)
-    assert torch.equal(params["lora_a"].grad, torch.zeros(2, 7))
-    assert torch.equal(params["bias"].grad, torch.zeros(5))
+    assert torch.equal(params["lora_a"].grad, torch.zeros(2, 7, device=DEVICE))
+    assert torch.equal(params["bias"].grad, torch.zeros(5, device=DEVICE))
 
 
 def test_gradcheck_reference(seed):
@@ -243,9 +250,8 @@ def test_trainable_factors_are_rejected(seed, frozen):
 @pytest.mark.parametrize("lora", [True, False])
 def test_meta_tensors_flow_through(lora):
     """Shapes and dtypes come out of the fake implementations, forward and backward, without any data."""
-    with torch.device("meta"):
-        params = make_layer(4096, 512, 11008, 8, torch.bfloat16, lora_dtype=torch.float32, lora=lora)
-        x = torch.randn(2, 1000, 4096, dtype=torch.bfloat16, requires_grad=True)
+    params = make_layer(4096, 512, 11008, 8, torch.bfloat16, lora_dtype=torch.float32, lora=lora, device="meta")
+    x = torch.randn(2, 1000, 4096, dtype=torch.bfloat16, device="meta", requires_grad=True)
     y = emloc_kernels.emulator_linear(x, *(params[k] for k in ("v", "u", "bias", "lora_a", "lora_b")), SCALING)
     assert (y.device.type, y.shape, y.dtype) == ("meta", (2, 1000, 11008), torch.bfloat16)
     y.sum().backward()
@@ -266,7 +272,7 @@ def test_torch_compile_fullgraph_matches_eager(seed):
             layer.lora_b.copy_(params["lora_b"])
         layers.append(layer)
     eager, compiled = layers
-    x, grad_y = torch.randn(2, 7, 19), torch.randn(2, 7, 13)
+    x, grad_y = torch.randn(2, 7, 19, device=DEVICE), torch.randn(2, 7, 13, device=DEVICE)
     results = []
     for layer, forward in ((eager, eager), (compiled, torch.compile(compiled, fullgraph=True))):
         xi = x.clone().requires_grad_()

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from emloc_kernels import projected_lowrank, scaled_matmul, whitened_lowrank, whitening
-from utils import FLOAT_DTYPES, REL_TOL, assert_close, non_contiguous
+from layer_shapes import scaled_matmul_cases
+from utils import DEVICE, FLOAT_DTYPES, REL_TOL, assert_close, non_contiguous
 
 F64 = torch.float64
 
@@ -40,18 +41,18 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "transposed":  # column-major, as Q^T or u^T are passed
         return t.T.contiguous().T
     if layout == "strided":  # every other row and every third column of a larger buffer
-        out = torch.empty(2 * t.shape[0], 3 * t.shape[1], dtype=t.dtype)[::2, ::3]
+        out = torch.empty(2 * t.shape[0], 3 * t.shape[1], dtype=t.dtype, device=t.device)[::2, ::3]
         return out.copy_(t)
     raise ValueError(layout)
 
 
 def _strided_vector(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty(2 * t.shape[0], dtype=t.dtype)[::2].copy_(t)
+    return torch.empty(2 * t.shape[0], dtype=t.dtype, device=t.device)[::2].copy_(t)
 
 
 def _scales(m: int, k: int, n: int, present=(True, True, True)):
     """Positive scales in [0.5, 1.5) (as eigenvalue roots are), None where absent."""
-    return tuple(torch.rand(size) + 0.5 if on else None for size, on in zip((m, k, n), present))
+    return tuple(torch.rand(size, device=DEVICE) + 0.5 if on else None for size, on in zip((m, k, n), present))
 
 
 def _expected(a, b, row, inner, col) -> torch.Tensor:
@@ -75,7 +76,7 @@ def _tolerance(*dtypes: torch.dtype) -> float:
                          ids=lambda p: "".join(n if on else "-" for n, on in zip("ric", p)))
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_scaled_matmul_every_scale_combination(triton_backend, seed, dtype, present):
-    a, b = torch.randn(M, K).to(dtype), torch.randn(K, N).to(dtype)
+    a, b = torch.randn(M, K, device=DEVICE).to(dtype), torch.randn(K, N, device=DEVICE).to(dtype)
     scales = _scales(M, K, N, present)
     out = scaled_matmul(a, b, *scales)
     assert out.dtype == dtype
@@ -89,7 +90,7 @@ def test_scaled_matmul_torch_backend(torch_backend, seed, shape, present):
     """The torch backend scales the smaller operand and the fresh product in place: the same result, and
     its (non-contiguous) inputs untouched."""
     m, k, n = shape
-    a, b = non_contiguous(torch.randn(m, k)), non_contiguous(torch.randn(n, k)).T
+    a, b = non_contiguous(torch.randn(m, k, device=DEVICE)), non_contiguous(torch.randn(n, k, device=DEVICE)).T
     before = a.clone(), b.clone()
     scales = _scales(m, k, n, present)
     assert_close(scaled_matmul(a, b, *scales), _expected(a, b, *scales), torch.float32,
@@ -97,11 +98,12 @@ def test_scaled_matmul_torch_backend(torch_backend, seed, shape, present):
     assert torch.equal(a, before[0]) and torch.equal(b, before[1]), "scaled_matmul wrote to its inputs"
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (1, K, N), (M, 1, N), (M, K, 1), (65, 97, 33)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, K, N), (M, 1, N), (M, K, 1), (65, 97, 33), *scaled_matmul_cases()],
+                         ids=str)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_scaled_matmul_sizes(triton_backend, seed, dtype, shape):
     m, k, n = shape
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    a, b = torch.randn(m, k, device=DEVICE).to(dtype), torch.randn(k, n, device=DEVICE).to(dtype)
     scales = _scales(m, k, n)
     assert_close(scaled_matmul(a, b, *scales), _expected(a, b, *scales), dtype, what=f"scaled_matmul seed={seed}")
 
@@ -111,8 +113,8 @@ def test_scaled_matmul_sizes(triton_backend, seed, dtype, shape):
                                      ("transposed", "strided"), ("strided", "strided")], ids="-".join)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_scaled_matmul_non_contiguous(triton_backend, seed, dtype, layouts):
-    a = _layout(torch.randn(M, K).to(dtype), layouts[0])
-    b = _layout(torch.randn(K, N).to(dtype), layouts[1])
+    a = _layout(torch.randn(M, K, device=DEVICE).to(dtype), layouts[0])
+    b = _layout(torch.randn(K, N, device=DEVICE).to(dtype), layouts[1])
     scales = tuple(_strided_vector(s) for s in _scales(M, K, N))
     assert_close(scaled_matmul(a, b, *scales), _expected(a, b, *scales), dtype, what=f"scaled_matmul seed={seed}")
 
@@ -128,7 +130,8 @@ def test_scaled_matmul_non_contiguous(triton_backend, seed, dtype, layouts):
     (torch.float32, torch.float32, torch.float64),
 ], ids=str)
 def test_scaled_matmul_mixed_dtypes(triton_backend, seed, a_dtype, b_dtype, out_dtype):
-    a, b = torch.randn(M, K).to(a_dtype), _layout(torch.randn(K, N).to(b_dtype), "transposed")
+    a = torch.randn(M, K, device=DEVICE).to(a_dtype)
+    b = _layout(torch.randn(K, N, device=DEVICE).to(b_dtype), "transposed")
     scales = _scales(M, K, N)
     out = scaled_matmul(a, b, *scales, out_dtype=out_dtype)
     assert out.dtype == (out_dtype or torch.promote_types(a_dtype, b_dtype))
@@ -190,8 +193,8 @@ def test_scaled_matmul_compiles_for_hopper():
 
 
 def test_scaled_matmul_empty_inner_dimension_writes_zeros(triton_backend):
-    out = scaled_matmul(torch.randn(M, 0), torch.randn(0, N), *_scales(M, 0, N))
-    assert torch.equal(out, torch.zeros(M, N)), "an empty inner product must be written as zeros"
+    out = scaled_matmul(torch.randn(M, 0, device=DEVICE), torch.randn(0, N, device=DEVICE), *_scales(M, 0, N))
+    assert torch.equal(out, torch.zeros(M, N, device=DEVICE)), "an empty inner product must be written as zeros"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -216,9 +219,10 @@ def _decaying(rows: int, cols: int, decay: float, generator: torch.Generator) ->
 
 
 def _layer(m: int, n: int, tokens: int, generator: torch.Generator, decay: float | None = None):
-    """A float64 weight ``w (m, n)`` and calibration inputs ``x (tokens, n)``."""
+    """A float64 weight ``w (m, n)`` and calibration inputs ``x (tokens, n)`` on the test device, drawn on the CPU
+    by ``generator`` (the same values on every device)."""
     w = torch.randn(m, n, dtype=F64, generator=generator) if decay is None else _decaying(m, n, decay, generator)
-    return w, torch.randn(tokens, n, dtype=F64, generator=generator)
+    return w.to(DEVICE), torch.randn(tokens, n, dtype=F64, generator=generator).to(DEVICE)
 
 
 def _factors(form: str, w, x, rank: int, dtype=F64, weight_dtype=None, **kwargs):
@@ -292,7 +296,7 @@ def test_randomized_factors_within_two_percent_of_exact(monkeypatch, seed, form,
     w, x = _layer(72, 64, 160, gen, decay=0.9)
     rank = 8
     exact = _error(w, *_factors(form, w, x, rank, dtype), x)
-    probes = torch.Generator().manual_seed(seed + 1)
+    probes = torch.Generator(DEVICE).manual_seed(seed + 1)
     randomized = _error(w, *_factors(form, w, x, rank, dtype, method="randomized", generator=probes), x)
     assert randomized <= 1.02 * exact, f"{form} seed={seed}: randomized {randomized:.6g} vs exact {exact:.6g}"
     assert randomized >= _optimum(w, x, rank) * (1 - 1e-6), "an error below the optimum means a wrong measure"

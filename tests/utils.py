@@ -15,13 +15,30 @@ REL_TOL = {
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# Where the kernel tests run: natively on the GPU where there is one (as `make gpu-check` runs them), else on
+# the CPU, the kernels in Triton's interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``||actual - expected|| / ||expected||`` in float64 (absolute error when expected is zero)."""
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    diff = torch.linalg.vector_norm(actual - expected).item()
+    """``||actual - expected|| / ||expected||`` in float64 (absolute error when expected is zero).
+
+    Computed on ``expected``'s device: on a GPU a full-size layer's result is compared where it lies,
+    without a copy of several GiB to the host."""
+    return _relative(*_float64_pair(actual, expected))[0]
+
+
+def _float64_pair(actual: torch.Tensor, expected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    expected = expected.detach().to(torch.float64)
+    return actual.detach().to(device=expected.device, dtype=torch.float64), expected
+
+
+def _relative(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The relative error of two float64 tensors on one device, and their absolute difference."""
+    diff = (actual - expected).abs()
+    error = torch.linalg.vector_norm(diff).item()
     scale = torch.linalg.vector_norm(expected).item()
-    return diff / scale if scale > 0 else diff
+    return (error / scale if scale > 0 else error), diff
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
@@ -40,16 +57,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
     nans = int(torch.isnan(actual.detach()).sum())
     assert nans == 0, f"{what}: {nans} NaN of {actual.numel()} elements (unwritten output?)"
-    err = rel_error(actual, expected)
-    diff = (actual.detach().double().cpu() - expected.detach().double().cpu()).abs()
-    componentwise = magnitude is not None and bool((diff <= bound * magnitude.detach().double().cpu()).all())
+    actual64, expected64 = _float64_pair(actual, expected)
+    err, diff = _relative(actual64, expected64)
+    componentwise = magnitude is not None and bool(
+        (diff <= bound * magnitude.detach().to(device=diff.device, dtype=torch.float64)).all())
     if not (err <= bound or componentwise):
         worst = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape)) if diff.numel() else ()
         raise AssertionError(
             f"{what} ({dtype}, shape {tuple(actual.shape)}): relative error {err:.3e} > {bound:.1e}"
             f"{'' if magnitude is None else ', and beyond the componentwise bound'}; "
-            f"worst element {worst}: got {actual.detach().reshape(-1)[diff.argmax()].item():.6g}, "
-            f"expected {expected.detach().reshape(-1)[diff.argmax()].item():.6g}"
+            f"worst element {worst}: got {actual64.reshape(-1)[diff.argmax()].item():.6g}, "
+            f"expected {expected64.reshape(-1)[diff.argmax()].item():.6g}"
         )
     return err
 
