@@ -223,7 +223,7 @@ def run_block(block: nn.Module, inputs: Iterable[BlockInput], sink: Sink) -> Non
 
 
 def compress_block(block: nn.Module, plan: list[list[LinearPlan]], covariances: dict[str, Tensor],
-                   svd: Literal["exact", "randomized"] = "exact", seed: int = 0) -> dict[str, dict]:
+                   svd: Literal["exact", "randomized"] = "exact", seed: int = 0, damping: float = 0.0) -> dict[str, dict]:
     """Replace each planned linear of ``block`` by an :class:`EmulatorLinear` in the block's dtype, taking the
     smaller eigenproblem to the same optimum: output space (docs/design.md §1.4) for ``out <= in``, from the
     accumulated output covariance or from ``W C W^T``; otherwise the whitened form, with one whitening
@@ -231,17 +231,26 @@ def compress_block(block: nn.Module, plan: list[list[LinearPlan]], covariances: 
     where ``error`` is the relative reconstruction error ``||(W - u v) X^T|| / ||W X^T||`` on the calibration
     data from the factorisation's spectrum, a 0-d tensor (no host sync; meta on a dry run).
 
+    ``damping`` > 0 factors against ``C + damping * (tr C / n) I`` instead of ``C`` (docs/design.md §1.2): the
+    emulator then also keeps some of ``W`` in directions the calibration samples barely excite, where a task
+    LoRA's changes to the hidden states will go. On an accumulated output covariance the same term is
+    ``damping * (tr Y^T Y / tr W W^T) W W^T``. Changes the covariances in place.
+
     Consumes ``covariances``: each is removed from the dict as soon as no remaining linear reads it, so that
     its memory goes back before the next eigenproblem."""
     reports = {}
     for group in plan:
         key, shared = f"in:{group[0].name}", None
+        if damping and key in covariances:
+            _damp(covariances[key], damping)
         for position, linear in enumerate(group):
             module = block.get_submodule(linear.name)
             weight = module.weight.float()
             generator = _generator(seed, weight.device)
             if linear.form == "output":
                 out_cov = covariances.pop(f"out:{linear.name}")
+                if damping:
+                    _damp_output(out_cov, weight, damping)
             elif linear.out_features <= linear.in_features:
                 out_cov = weight @ covariances[key] @ weight.T  # Y^T Y without whitening
             else:
@@ -261,6 +270,22 @@ def compress_block(block: nn.Module, plan: list[list[LinearPlan]], covariances: 
                 leaf, EmulatorLinear.from_factors(u.to(dtype), v.to(dtype), module.bias))
             reports[linear.name] = {"rank": linear.rank, "form": linear.form, "error": error}
     return reports
+
+
+def _trace(matrix: Tensor) -> float:
+    return float(torch.diagonal(matrix).sum())
+
+
+def _damp(cov: Tensor, damping: float) -> None:
+    """``cov += damping * (tr cov / n) I`` in place (one host sync for the trace, none on meta)."""
+    if cov.device.type != "meta":
+        torch.diagonal(cov).add_(damping * _trace(cov) / cov.shape[0])
+
+
+def _damp_output(out_cov: Tensor, weight: Tensor, damping: float) -> None:
+    """``out_cov += damping * (tr out_cov / tr W W^T) W W^T`` in place: the output-space form of :func:`_damp`."""
+    gram = weight @ weight.T
+    out_cov.add_(gram, alpha=damping * _trace(out_cov) / _trace(gram) if out_cov.device.type != "meta" else damping)
 
 
 def _reads_input_covariance(linear: LinearPlan, shared: Whitening | None) -> bool:
@@ -558,6 +583,7 @@ def build_emulator(
     seed: int = 0,
     host_budget: int | None = None,
     heal: HealConfig | None = None,
+    damping: float = 0.0,
     progress: bool = True,
 ) -> Path:
     """Build the emulator of the checkpoint in ``model_path`` into ``output_dir``, one block at a time.
@@ -580,6 +606,8 @@ def build_emulator(
         overwrite: replace a directory built with other settings.
         host_budget: bytes of host memory for activations before they spill to disk (default: half the
             available memory).
+        damping: factor against ``C + damping (tr C / n) I`` (:func:`compress_block`); 0 is the plain
+            activation-aware optimum.
         heal: distil the original into the emulator on the calibration samples after the blocks are built
             (:mod:`emloc.healing`; needs ``propagate="original"``). Each linear's rank budget is shared between
             the factors and the heal adapter, which is merged into them: same parameter count as without.
@@ -593,6 +621,8 @@ def build_emulator(
         raise BuildError(f"svd: must be 'exact' or 'randomized', got {svd!r}")
     if propagate not in ("original", "emulator"):
         raise BuildError(f"propagate: must be 'original' or 'emulator', got {propagate!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < math.inf:
+        raise BuildError(f"damping: must be a finite number >= 0, got {damping!r}")
     if heal is not None and propagate != "original":
         raise BuildError("heal: healing distils the original model's outputs, which the build has only with "
                          "propagate='original'")
@@ -612,6 +642,7 @@ def build_emulator(
         "propagate": propagate,
         "dtype": str(source.dtype).removeprefix("torch."),
         **({"heal": asdict(heal)} if heal is not None else {}),
+        **({"damping": float(damping)} if damping else {}),
     }
     manifest = _Manifest(output_dir, settings, resume, overwrite)
     blocks = len(source.stack)
@@ -645,7 +676,7 @@ def build_emulator(
                                               sink=sink if propagate == "original" else None)
                 check_finite(covariances, sink.all_finite(), name)
                 hostmem.return_freed_memory()  # the pass's transients, before the factorisations allocate
-                reports = compress_block(block, plan[index], covariances, svd, seed=seed + index)
+                reports = compress_block(block, plan[index], covariances, svd, seed=seed + index, damping=damping)
                 del covariances
                 if propagate == "emulator":
                     run_block(block, inputs(), sink)

@@ -43,6 +43,12 @@ from emloc.training import TrainConfig, evaluate, train  # noqa: E402
 VARIANTS = {
     "paper": {"heal": None},
     "healed": {"heal": HealConfig(gradient_checkpointing=False)},
+    "damped-0.01": {"damping": 0.01},
+    "damped-0.1": {"damping": 0.1},
+    "damped-1": {"damping": 1.0},
+    "samples-256": {"max_samples": 256},
+    "healed-30": {"heal": HealConfig(steps=30, gradient_checkpointing=False)},
+    "healed-damped": {"heal": HealConfig(steps=30, gradient_checkpointing=False), "damping": 0.1},
 }
 # How the emulator's adapter goes onto the original: as trained, or through the paper's correction.
 CORRECTIONS = {"uncorrected": None, "corrected": 3.0}
@@ -150,8 +156,9 @@ def run_task(bench: Bench, task: str) -> None:
             build_seconds = bench.done.get(key, {}).get("seconds")
             if key not in bench.done:
                 started = time.perf_counter()
-                emloc.build_emulator(bench.model_dir, data, emulator_dir, ratio, max_samples=args.samples,
-                                     max_length=MAX_LENGTH, batch_size=8, progress=False, **VARIANTS[variant])
+                settings = {"max_samples": args.samples, **VARIANTS[variant]}
+                emloc.build_emulator(bench.model_dir, data, emulator_dir, ratio, max_length=MAX_LENGTH, batch_size=8,
+                                     progress=False, **settings)
                 build_seconds = time.perf_counter() - started
                 emulator = emloc.load_emulator(emulator_dir)
                 report = json.loads((emulator_dir / "emloc-report.json").read_text())
