@@ -11,6 +11,8 @@ import importlib
 import sys
 import warnings
 
+from tqdm.auto import tqdm
+
 from .errors import USER_ERROR, EmlocWarning, UserError
 
 # Each name is a module ``emloc.commands.<name>`` exposing ``add_parser(subparsers)``, which registers
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return int(args.func(args) or 0)
         except (UserError, OSError) as exc:
+            for bar in list(getattr(tqdm, "_instances", ())):  # end the bars the error interrupted, then the message
+                bar.close()
             print(f"{prefix}: {describe(exc, args)}", file=sys.stderr)
             return USER_ERROR
 

@@ -45,7 +45,8 @@ class CheckpointError(UserError, RuntimeError):
 
 class CheckpointIndex:
     """Which shard holds which tensor, read from ``model.safetensors.index.json`` (or a single
-    ``model.safetensors``). Opening validates that every shard named by the index exists.
+    ``model.safetensors``). Opening validates that every shard named by the index exists and is as long as
+    its header says.
 
     Attributes:
         directory: the checkpoint directory.
@@ -67,6 +68,7 @@ class CheckpointIndex:
         for file in self.files:
             if not (self.directory / file).is_file():
                 raise CheckpointError(f"{self.directory / file}: shard listed in {INDEX_FILE} is missing")
+            _check_complete(self.directory / file)
 
     @property
     def files(self) -> list[str]:
@@ -123,6 +125,17 @@ def check_finite_weight(tensor: torch.Tensor, key: str, path: Path) -> None:
         return
     bad = int((~torch.isfinite(tensor)).sum())
     raise CheckpointError(f"{path}: {key} holds NaN or Inf ({bad} of {tensor.numel()} values, as {tensor.dtype})")
+
+
+def _check_complete(path: Path) -> None:
+    """Raise :class:`CheckpointError` if the shard at ``path`` is shorter than its header says (a truncated
+    copy or download): caught when the checkpoint is opened, from the headers alone."""
+    header, data_start = read_header(path)
+    ends = [entry["data_offsets"][1] for entry in header.values()
+            if isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list) and entry["data_offsets"]]
+    size = path.stat().st_size
+    if ends and data_start + max(ends) > size:
+        raise CheckpointError(f"{path}: truncated ({size} bytes, its header describes {data_start + max(ends)})")
 
 
 def read_header(path: Path) -> tuple[dict, int]:

@@ -64,8 +64,8 @@ def non_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def cli_error(capsys, argv: list[str]) -> str:
-    """Run ``emloc argv`` expecting a user error: exit status 2 and exactly one line on stderr, no traceback.
-    Returns that line."""
+    """Run ``emloc argv`` expecting a user error: exit status 2 and one line ``emloc COMMAND: ...`` on stderr,
+    the last one (progress bars may come before it), no traceback. Returns that line."""
     from emloc import cli
 
     capsys.readouterr()
@@ -75,5 +75,7 @@ def cli_error(capsys, argv: list[str]) -> str:
         code = exc.code
     err = capsys.readouterr().err.strip()
     assert code == 2, f"exit status {code}, stderr: {err}"
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
+    lines = err.split("\n")
+    messages = [line for line in lines if line.startswith(f"emloc {argv[0]}: ")]
+    assert messages == lines[-1:] and "Traceback" not in err, err
+    return messages[0]
