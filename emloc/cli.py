@@ -42,12 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
 def describe(exc: Exception, args: argparse.Namespace) -> str:
     """One line for a user error: its message, or for an operating-system error the file and the reason
     (the output directory when the system names no file, as a failed write does)."""
-    if isinstance(exc, OSError) and not isinstance(exc, UserError):
+    if isinstance(exc, OSError) and not isinstance(exc, UserError) and exc.errno is not None:
         if exc.filename is not None:
-            text = f"{exc.filename}: {exc.strerror or exc}"
+            text = f"{exc.filename}: {exc.strerror}"
         else:
             where = getattr(args, "out", None)
-            text = f"{exc.strerror or exc}" + (f" (writing under {where})" if where else "")
+            text = f"{exc.strerror}" + (f" (writing under {where})" if where else "")
     else:
         text = str(exc)
     return " ".join(text.split())

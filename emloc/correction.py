@@ -84,11 +84,10 @@ def correct_lora(original_path: str | os.PathLike, emulator_path: str | os.PathL
     where = adapter if not isinstance(adapter, LoraAdapter) else "the adapter"
     if not isinstance(adapter, LoraAdapter):
         adapter = LoraAdapter.load(adapter)
-    section = emulator_section(emulator_path)
-    check_trained_on(adapter, section, emulator_path, where)
     original, emulator = CheckpointIndex(original_path), CheckpointIndex(emulator_path)
     if check_source:
         check_emulator_source(emulator_path, original)
+    check_trained_on(adapter, emulator_section(emulator_path), emulator_path, where)
     key_of = weight_keys(adapter, original)
     corrected = {}
     for name, (a, b) in tqdm(adapter.weights.items(), desc="correcting LoRA", unit="layer", disable=not progress):
@@ -128,14 +127,20 @@ def check_trained_on(adapter: LoraAdapter, section: dict, emulator_path, where) 
         trained_on = record.get("path") or "another emulator"
         raise UserError(f"{where}: the adapter was trained on {trained_on} (emulator content hash "
                         f"{recorded[:12]}...), not on the emulator at {emulator_path} "
-                        f"({str(actual)[:12]}...); correct it with the emulator it was trained on")
+                        f"({actual[:12] + '...' if actual else 'which records no content hash'}); correct it with "
+                        "the emulator it was trained on")
 
 
 def check_emulator_source(emulator_path: str | os.PathLike, original: CheckpointIndex) -> None:
     """Raise :class:`~emloc.errors.UserError` if the emulator was not built from ``original``: the content
     hash in its ``emloc`` config (index and the bytes of every shard, :meth:`CheckpointIndex.content_hash`)
     must be the model's."""
-    recorded, actual = emulator_section(emulator_path)["source"]["hash"], original.content_hash()
+    section = emulator_section(emulator_path)
+    if "content_hash" not in section:  # the field arrived with source hashes over the shards' bytes
+        raise UserError(f"{emulator_path}: built by an earlier emloc, whose record of its source covers the "
+                        "layout only, not the weights; rebuild it (emloc build --overwrite) so that correction "
+                        f"can check it was built from {original.directory}")
+    recorded, actual = section["source"]["hash"], original.content_hash()
     if recorded != actual:
         raise UserError(f"the emulator at {emulator_path} was built from a different model than "
                         f"{original.directory} (source content hash {recorded[:12]}... in its config, "

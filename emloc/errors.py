@@ -19,6 +19,10 @@ class OutputError(UserError, OSError):
     """Writing an output failed (full disk, read-only file system, ...); the message names the file."""
 
 
+class EmlocWarning(UserWarning):
+    """Input that works but is likely to give a poor result; the command line prints it as one line."""
+
+
 def check_int(value, name: str, minimum: int = 1, error: type[Exception] = UserError) -> int:
     """``value`` if it is an integer of at least ``minimum``, else ``error`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -44,7 +48,3 @@ def check_ratio(value, name: str, error: type[Exception] = UserError) -> float:
         return check_float(value, name, 0, 1, low_open=True, error=error)
     except error:
         raise error(f"{name}: compression ratio must be in (0, 1], got {value!r}") from None
-
-
-class EmlocWarning(UserWarning):
-    """Input that works but is likely to give a poor result; the command line prints it as one line."""

@@ -8,6 +8,10 @@ just the tensors of one module (a decoder block, the embedding) from the shards 
     materialize(block, "model.layers.7", index, device="cuda", dtype=torch.bfloat16)
     ...  # use the block
     release(block)
+
+The file discipline of every stage lives here too: reads that name the file at fault (a missing, truncated
+or non-finite tensor), writes under a temporary name (:func:`atomic_write`) or into a fresh directory that is
+swapped in (:func:`atomic_directory`), and content hashes (:func:`file_sha256`, :meth:`CheckpointIndex.content_hash`).
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ from torch import nn
 from .errors import OutputError, UserError
 
 __all__ = ["CheckpointError", "CheckpointIndex", "atomic_directory", "atomic_write", "atomic_write_text",
-           "file_sha256", "key_mapping", "materialize", "read_json", "read_tensors", "release"]
+           "cached_file_sha256", "check_finite_weight", "file_sha256", "key_mapping", "materialize", "read_json",
+           "read_tensors", "release"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

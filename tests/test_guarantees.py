@@ -153,6 +153,15 @@ def test_correction_refuses_the_emulator_of_a_same_layout_model(tiny, tmp_path, 
                               str(tmp_path / "corrected")])
     assert "built from a different model" in line
     assert not (tmp_path / "corrected").exists()
+    earlier = tmp_path / "earlier"  # an emulator of an emloc whose source hash saw the layout only
+    earlier.mkdir()
+    for path in tiny["emulator"].iterdir():
+        (earlier / path.name).write_bytes(path.read_bytes())
+    config = json.loads((earlier / "config.json").read_text())
+    del config["emloc"]["content_hash"]
+    (earlier / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"earlier: built by an earlier emloc.*rebuild it"):
+        emloc.correct_lora(tiny["model"], earlier, tiny["adapter"], progress=False)
 
 
 def test_a_build_resumed_on_changed_weights_is_refused(tmp_path, monkeypatch):
@@ -381,6 +390,12 @@ def test_an_output_path_that_cannot_be_written_is_named(tiny, tmp_path, capsys, 
     monkeypatch.setattr(emloc.locking.os, "open", read_only)
     line = cli_error(capsys, _commands(tiny, tmp_path / "ro")[command])
     assert line == f"emloc {command}: {tmp_path / 'ro'}: cannot write the output there (Read-only file system)"
+
+
+def test_plan_and_demo_report_bad_input_in_one_line(capsys):
+    assert cli_error(capsys, ["plan", "Llama-3.1-70B", "--budget", "24XB"]).startswith(
+        "emloc plan: budget: cannot read '24XB'")
+    assert cli_error(capsys, ["demo", "--seeds", "0"]).startswith("emloc demo: argument --seeds: must be an integer")
 
 
 # --- 8. emloc run accepts the --overwrite it suggests ------------------------------------------------------
