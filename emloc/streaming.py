@@ -50,8 +50,7 @@ class CheckpointError(UserError, RuntimeError):
 
 class CheckpointIndex:
     """Which shard holds which tensor, read from ``model.safetensors.index.json`` (or a single
-    ``model.safetensors``). Opening validates that every shard named by the index exists and is as long as
-    its header says.
+    ``model.safetensors``). Opening validates that every shard named by the index exists.
 
     Attributes:
         directory: the checkpoint directory.
@@ -73,7 +72,6 @@ class CheckpointIndex:
         for file in self.files:
             if not (self.directory / file).is_file():
                 raise CheckpointError(f"{self.directory / file}: shard listed in {INDEX_FILE} is missing")
-            _check_complete(self.directory / file)
 
     @property
     def files(self) -> list[str]:
@@ -109,9 +107,11 @@ class CheckpointIndex:
     def content_hash(self) -> str:
         """SHA-256 over the index and the SHA-256 of every shard's full bytes: two checkpoints agree only
         if every stored tensor does, values included. Each shard's digest is cached by path, size, mtime
-        and inode (:func:`cached_file_sha256`), so only the first stage to see a checkpoint reads it whole."""
+        and inode (:func:`cached_file_sha256`), so only the first stage to see a checkpoint reads it whole. A
+        truncated shard is reported as such (:class:`CheckpointError`) rather than hashed into another model."""
         digest = hashlib.sha256(json.dumps(self.weight_map, sort_keys=True).encode())
         for file in sorted(self.files):
+            _check_complete(self.directory / file)
             digest.update(f"{file}:{cached_file_sha256(self.directory / file)};".encode())
         return digest.hexdigest()
 
@@ -134,7 +134,7 @@ def check_finite_weight(tensor: torch.Tensor, key: str, path: Path) -> None:
 
 def _check_complete(path: Path) -> None:
     """Raise :class:`CheckpointError` if the shard at ``path`` is shorter than its header says (a truncated
-    copy or download): caught when the checkpoint is opened, from the headers alone."""
+    copy or download), from the header alone."""
     header, data_start = read_header(path)
     ends = [entry["data_offsets"][1] for entry in header.values()
             if isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list) and entry["data_offsets"]]

@@ -326,14 +326,17 @@ def _commands(tiny, out, model=None, emulator=None, adapter=None):
     }
 
 
-@pytest.mark.parametrize("damage", ["truncated", "missing"])
+@pytest.mark.parametrize("damage", ["header cut", "data cut", "missing"])
 def test_a_damaged_shard_is_named(tiny, tmp_path, capsys, damage):
     model = tmp_path / "model"
     model.mkdir()
     for path in tiny["model"].iterdir():
         (model / path.name).write_bytes(path.read_bytes())
     shard = model / "model-00002-of-00002.safetensors"
-    _truncate(shard) if damage == "truncated" else shard.unlink()
+    if damage == "missing":
+        shard.unlink()
+    else:
+        _truncate(shard, 200 if damage == "header cut" else shard.stat().st_size - 100)
     commands = _commands(tiny, tmp_path / "out", model=model)
     for name in ("correct", "export", "run", "build"):
         line = cli_error(capsys, commands[name])
