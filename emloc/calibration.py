@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CalibrationBatch", "CalibrationError", "chat_messages", "load_texts", "make_batches",
+from .errors import UserError
+
+__all__ = ["CalibrationBatch", "CalibrationError", "chat_messages", "load_texts", "make_batches", "row_text",
            "tokenize_samples"]
 
 # ShareGPT speaker names -> chat roles.
@@ -22,18 +24,38 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
           "model": "assistant", "bot": "assistant"}
 
 
-def chat_messages(row: dict) -> list[dict] | None:
+class CalibrationError(UserError):
+    """The calibration data cannot be used; the message names the file (and line)."""
+
+
+def chat_messages(row: dict, where: str, error: type[Exception] = CalibrationError) -> list[dict] | None:
     """The role/content messages of a chat row (``messages``, or ShareGPT ``conversations`` with from/value),
-    or None when the row is not a chat row."""
-    if "messages" in row:
-        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    if "conversations" in row:
-        return [{"role": _ROLES.get(m["from"], m["from"]), "content": m["value"]} for m in row["conversations"]]
+    or None when the row is not a chat row. A conversation that is not a list of messages with string role
+    and content raises ``error`` naming ``where`` (file and line) and the message."""
+    for key, role_key, content_key in (("messages", "role", "content"), ("conversations", "from", "value")):
+        if key not in row:
+            continue
+        messages = row[key]
+        if not isinstance(messages, list):
+            raise error(f"{where}: {key!r} must be a list of messages, got {type(messages).__name__}")
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not all(isinstance(m.get(k), str) for k in (role_key, content_key)):
+                raise error(f"{where}: {key}[{i}] needs string {role_key!r} and {content_key!r}, got {m!r}"[:300])
+            out.append({"role": _ROLES.get(m[role_key], m[role_key]) if key == "conversations" else m[role_key],
+                        "content": m[content_key]})
+        return out
     return None
 
 
-class CalibrationError(ValueError):
-    """The calibration data cannot be used; the message names the file (and line)."""
+def row_text(row: dict, where: str, error: type[Exception] = CalibrationError) -> str | None:
+    """The ``text`` of a row, None when it has none; a ``text`` that is not a string (null, a number) raises
+    ``error`` naming ``where`` rather than being trained on as ``"None"`` or ``"123"``."""
+    if "text" not in row:
+        return None
+    if not isinstance(row["text"], str):
+        raise error(f"{where}: 'text' must be a string, got {json.dumps(row['text'])[:80]}")
+    return row["text"]
 
 
 @dataclass
@@ -49,9 +71,10 @@ class CalibrationBatch:
 
 
 def _render(row: dict, tokenizer, where: str) -> str:
-    if "text" in row:
-        return str(row["text"])
-    messages = chat_messages(row)
+    text = row_text(row, where)
+    if text is not None:
+        return text
+    messages = chat_messages(row, where)
     if messages is None:
         raise CalibrationError(f"{where}: a row needs 'text', 'messages' or 'conversations', got keys {sorted(row)}")
     if getattr(tokenizer, "chat_template", None) is None:

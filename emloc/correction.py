@@ -17,7 +17,6 @@ time, each read from the checkpoint shards on its own.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -25,8 +24,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .errors import UserError
 from .lora import LoraAdapter
-from .streaming import CheckpointIndex, key_mapping
+from .streaming import CheckpointIndex, key_mapping, read_json
 
 
 def orthonormalize_lora(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -50,7 +50,7 @@ def correct_layer(a: Tensor, b: Tensor, scaling: float, weight: Tensor,
         dtype: computation dtype (float64 by default: the correction is a difference of close quantities).
     """
     if a.shape[0] > a.shape[1]:
-        raise ValueError(f"LoRA correction: rank {a.shape[0]} exceeds the layer's {a.shape[1]} input features")
+        raise UserError(f"LoRA correction: rank {a.shape[0]} exceeds the layer's {a.shape[1]} input features")
     a, b, weight = a.to(dtype), b.to(dtype), weight.to(dtype)
     a_t, b_t = orthonormalize_lora(a, b)
     p = a_t.T
@@ -77,14 +77,17 @@ def correct_lora(original_path: str | os.PathLike, emulator_path: str | os.PathL
     emulator shards. Computes in float64 on ``device`` and returns the corrected adapter in ``dtype``, with the
     same rank and scaling, ready to export (``lora_A = A~``, ``lora_B = B^``).
 
-    Raises ValueError if the emulator was built from another model (content hash in its config), or if an
-    adapter module is not a linear of the original model or does not fit its shape.
+    Raises :class:`~emloc.errors.UserError` if the emulator was built from another model (the content
+    hash of every shard, recorded in its config), if the adapter records that it was trained on another
+    emulator, or if an adapter module is not a linear of the original model or does not fit its shape.
     """
+    where = adapter if not isinstance(adapter, LoraAdapter) else "the adapter"
     if not isinstance(adapter, LoraAdapter):
         adapter = LoraAdapter.load(adapter)
     original, emulator = CheckpointIndex(original_path), CheckpointIndex(emulator_path)
     if check_source:
         check_emulator_source(emulator_path, original)
+    check_trained_on(adapter, emulator_section(emulator_path), emulator_path, where)
     key_of = weight_keys(adapter, original)
     corrected = {}
     for name, (a, b) in tqdm(adapter.weights.items(), desc="correcting LoRA", unit="layer", disable=not progress):
@@ -103,36 +106,64 @@ def correct_lora(original_path: str | os.PathLike, emulator_path: str | os.PathL
                        base_model=str(original_path), extra=extra)
 
 
-def check_emulator_source(emulator_path: str | os.PathLike, original: CheckpointIndex) -> None:
-    """Raise ValueError if the emulator was not built from ``original`` (content hash in its ``emloc`` config)."""
+def emulator_section(emulator_path: str | os.PathLike) -> dict:
+    """The ``emloc`` section of an emulator directory's config, or :class:`~emloc.errors.UserError`."""
     config_path = Path(emulator_path) / "config.json"
-    section = json.loads(config_path.read_text()).get("emloc") if config_path.is_file() else None
-    if not section:
-        raise ValueError(f"{emulator_path} is not an emloc emulator: {config_path} has no 'emloc' section")
+    section = read_json(config_path).get("emloc") if config_path.is_file() else None
+    if not isinstance(section, dict) or "source" not in section:
+        raise UserError(f"{emulator_path} is not an emloc emulator: {config_path} has no 'emloc' section")
+    return section
+
+
+def check_trained_on(adapter: LoraAdapter, section: dict, emulator_path, where) -> None:
+    """Raise :class:`~emloc.errors.UserError` if ``adapter`` records an emulator other than the one whose
+    ``emloc`` config section is ``section`` (another model, ratio, rank or calibration gives other shards,
+    hence another content hash). An adapter without the record (PEFT's own, or trained on a model loaded
+    some other way) cannot be checked and is taken as it is."""
+    record = adapter.extra.get("emulator")
+    recorded = record.get("content_hash") if isinstance(record, dict) else None
+    actual = section.get("content_hash")
+    if recorded is not None and recorded != actual:
+        trained_on = record.get("path") or "another emulator"
+        raise UserError(f"{where}: the adapter was trained on {trained_on} (emulator content hash "
+                        f"{recorded[:12]}...), not on the emulator at {emulator_path} "
+                        f"({actual[:12] + '...' if actual else 'which records no content hash'}); correct it with "
+                        "the emulator it was trained on")
+
+
+def check_emulator_source(emulator_path: str | os.PathLike, original: CheckpointIndex) -> None:
+    """Raise :class:`~emloc.errors.UserError` if the emulator was not built from ``original``: the content
+    hash in its ``emloc`` config (index and the bytes of every shard, :meth:`CheckpointIndex.content_hash`)
+    must be the model's."""
+    section = emulator_section(emulator_path)
+    if "content_hash" not in section:  # the field arrived with source hashes over the shards' bytes
+        raise UserError(f"{emulator_path}: built by an earlier emloc, whose record of its source covers the "
+                        "layout only, not the weights; rebuild it (emloc build --overwrite) so that correction "
+                        f"can check it was built from {original.directory}")
     recorded, actual = section["source"]["hash"], original.content_hash()
     if recorded != actual:
-        raise ValueError(f"the emulator at {emulator_path} was built from a different model than "
-                         f"{original.directory} (source content hash {recorded[:12]}... in its config, "
-                         f"{actual[:12]}... for the model given)")
+        raise UserError(f"the emulator at {emulator_path} was built from a different model than "
+                        f"{original.directory} (source content hash {recorded[:12]}... in its config, "
+                        f"{actual[:12]}... for the model given)")
 
 
 def weight_keys(adapter: LoraAdapter, model: CheckpointIndex) -> dict[str, str]:
     """The checkpoint key of each adapter module's weight (checkpoints may prefix module names differently).
 
-    Raises ValueError naming the first adapter module that has no weight in the model's checkpoint.
+    Raises :class:`~emloc.errors.UserError` naming the first adapter module that has no weight in the model's checkpoint.
     """
     key_of = key_mapping([f"{name}.weight" for name in adapter.weights], model)
     keys = {name: key_of(f"{name}.weight") for name in adapter.weights}
     for name, key in keys.items():
         if key not in model:
-            raise ValueError(f"LoRA adapter module {name!r} is not a layer of the model at {model.directory} "
+            raise UserError(f"LoRA adapter module {name!r} is not a layer of the model at {model.directory} "
                              f"(no tensor {key!r} in its checkpoint)")
     return keys
 
 
 def check_adapter_shapes(name: str, a: Tensor, b: Tensor, shape, where) -> None:
-    """Raise ValueError if LoRA ``a (k, n)``, ``b (m, k)`` cannot sit on a weight of ``shape (m, n)``."""
+    """Raise :class:`~emloc.errors.UserError` if LoRA ``a (k, n)``, ``b (m, k)`` cannot sit on a weight of ``shape (m, n)``."""
     if len(shape) != 2 or a.ndim != 2 or b.ndim != 2 or (b.shape[0], a.shape[1]) != tuple(shape) \
             or a.shape[0] != b.shape[1]:
-        raise ValueError(f"LoRA adapter module {name!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do "
+        raise UserError(f"LoRA adapter module {name!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do "
                          f"not fit the weight of shape {tuple(shape)} in {where}")

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from .calibration import chat_messages
+from .calibration import chat_messages, row_text
+from .errors import UserError
 
 IGNORE = -100
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The training data cannot be used; the message names the file (and line)."""
 
 
@@ -72,11 +73,12 @@ def load_examples(path: str | os.PathLike, tokenizer, max_length: int = 2048) ->
             row = json.loads(line)
         except ValueError as exc:
             raise DataError(f"{where}: not valid JSON ({exc})") from exc
-        messages = chat_messages(row) if isinstance(row, dict) else None
+        messages = chat_messages(row, where, DataError) if isinstance(row, dict) else None
+        text = row_text(row, where, DataError) if isinstance(row, dict) and messages is None else None
         if messages is not None:
             examples.append(_chat_example(messages, tokenizer, max_length, where))
-        elif isinstance(row, dict) and "text" in row:
-            examples.append(_text_example(str(row["text"]), tokenizer, max_length))
+        elif text is not None:
+            examples.append(_text_example(text, tokenizer, max_length))
         else:
             raise DataError(f"{where}: a row needs 'text', 'messages' or 'conversations'")
     examples = [e for e in examples if any(label != IGNORE for label in e["labels"][1:])]
@@ -89,7 +91,7 @@ def load_examples(path: str | os.PathLike, tokenizer, max_length: int = 2048) ->
 def split_examples(examples: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """``(train, eval)``: a seeded random ``eval_fraction`` of the examples held out (at least one if > 0)."""
     if not 0 <= eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+        raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     n_eval = min(max(1, round(eval_fraction * len(examples))), len(examples) - 1) if eval_fraction > 0 else 0
     held = set(random.Random(seed).sample(range(len(examples)), n_eval))
     return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal
@@ -38,8 +39,10 @@ from emloc_kernels import Whitening, covariance_update, projected_lowrank, white
 from . import healing, hostmem, models
 from .calibration import CalibrationBatch, CalibrationError, load_texts, make_batches, tokenize_samples
 from .healing import HealConfig, heal_rank
+from .errors import EmlocWarning, UserError, check_int, check_ratio
 from .layers import EmulatorLinear
-from .streaming import CheckpointIndex, atomic_write, key_mapping, materialize, release
+from .locking import holds_output_lock
+from .streaming import CheckpointIndex, atomic_write, file_sha256, key_mapping, materialize, release
 
 __all__ = [
     "BuildError",
@@ -65,7 +68,7 @@ Compression = float | dict[str, float]
 Sink = Callable[[int, Tensor], None]
 
 
-class BuildError(ValueError):
+class BuildError(UserError):
     """The build cannot go on; the message names the option, file, block or module at fault."""
 
 
@@ -96,9 +99,7 @@ def _rank(ratio: float, m: int, n: int) -> int | None:
 
 
 def _check_ratio(ratio, what: str) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise BuildError(f"{what}: compression ratio must be in (0, 1], got {ratio!r}")
-    return float(ratio)
+    return check_ratio(ratio, what, BuildError)
 
 
 def _compile(pattern) -> re.Pattern:
@@ -473,14 +474,6 @@ def blockwise_logits(model_path, batches: list[CalibrationBatch], *, device=None
 # --- the emulator directory -------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_json(path: Path, data) -> None:
     atomic_write(path, lambda temp: temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
@@ -531,14 +524,14 @@ class _Manifest:
         if entry is None:
             return None
         path = self.directory / entry["file"]
-        return entry if path.is_file() and _sha256(path) == entry["sha256"] else None
+        return entry if path.is_file() and file_sha256(path) == entry["sha256"] else None
 
     def shards(self) -> list[dict]:
         """The entries of the emulator's weight shards (not of the heal adapter)."""
         return [entry for unit, entry in self.done.items() if unit not in (HEAL_UNIT, HEAL_ADAPTER_UNIT)]
 
     def record(self, unit: str, file: str, extra: dict) -> None:
-        self.done[unit] = {"file": file, "sha256": _sha256(self.directory / file), **extra}
+        self.done[unit] = {"file": file, "sha256": file_sha256(self.directory / file), **extra}
         self._save()
 
     def _save(self) -> None:
@@ -564,6 +557,23 @@ def _calibration_batches(data, tokenizer, max_samples, max_length, batch_size, s
     return make_batches(samples, batch_size, pad)
 
 
+def _warn_few_tokens(plan: list[list[list[LinearPlan]]], tokens: int) -> None:
+    """Warn when the calibration has fewer tokens than a covariance has rows: that covariance is singular
+    (rank at most ``tokens``), so the factors fit these few tokens rather than the layer's inputs."""
+    short = {}
+    for groups in plan:
+        for group in groups:
+            for key, size in _covariance_keys(group):
+                if tokens < size:
+                    kind, name = key.split(":", 1)
+                    short.setdefault(f"{name} ({size} {'input' if kind == 'in' else 'output'} features)", None)
+    if short:
+        warnings.warn(f"calibration: {tokens} tokens, fewer than the features of {', '.join(short)}: each such "
+                      "covariance is singular and the factors fit these tokens only; use more or longer samples "
+                      "(--samples, --max-length)", EmlocWarning, stacklevel=3)
+
+
+@holds_output_lock("output_dir")  # two builds into one directory would interleave their blocks
 @hostmem.large_buffers_unmapped()  # from the start: a heap grown before would serve large buffers
 def build_emulator(
     model_path,
@@ -621,6 +631,10 @@ def build_emulator(
         raise BuildError(f"svd: must be 'exact' or 'randomized', got {svd!r}")
     if propagate not in ("original", "emulator"):
         raise BuildError(f"propagate: must be 'original' or 'emulator', got {propagate!r}")
+    for name, value in (("max_samples", max_samples), ("max_length", max_length), ("batch_size", batch_size)):
+        check_int(value, name, error=BuildError)
+    if host_budget is not None:
+        check_int(host_budget, "host_budget", error=BuildError)
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < math.inf:
         raise BuildError(f"damping: must be a finite number >= 0, got {damping!r}")
     if heal is not None and propagate != "original":
@@ -632,10 +646,11 @@ def build_emulator(
     plan = plan_compression(source.model, compression, heal)
     tokenizer = _tokenizer(model_path)
     batches = _calibration_batches(data, tokenizer, max_samples, max_length, batch_size, seed)
+    _warn_few_tokens(plan, sum(b.tokens for b in batches))
     settings = {
         "source": {"path": str(model_path.resolve()), "hash": source.index.content_hash()},
         "compression": compression if isinstance(compression, dict) else {".*": float(compression)},
-        "calibration": {"data": str(Path(data).resolve()), "data_hash": _sha256(Path(data)), "samples": sum(
+        "calibration": {"data": str(Path(data).resolve()), "data_hash": file_sha256(Path(data)), "samples": sum(
             len(b.input_ids) for b in batches), "max_samples": max_samples, "max_length": max_length,
             "batch_size": batch_size, "seed": seed, "tokens": sum(b.tokens for b in batches)},
         "svd": svd,
@@ -779,6 +794,8 @@ def _finish(output_dir: Path, source: _Source, manifest: _Manifest, tokenizer, t
     config["dtype"] = manifest.settings["dtype"]
     config["emloc"] = {
         "format_version": FORMAT_VERSION,
+        "content_hash": hashlib.sha256(json.dumps(sorted(e["sha256"] for e in manifest.done.values())).encode())
+        .hexdigest(),  # of every shard's bytes: what a trained adapter records of its emulator
         "source": manifest.settings["source"],
         "compression": manifest.settings["compression"],
         "calibration": manifest.settings["calibration"],

@@ -3,7 +3,8 @@ merged weights.
 
 The adapter directory loads with ``peft.PeftModel.from_pretrained(original_model, directory)``; the merged
 checkpoint (``W + s B A`` in every adapted layer) is written shard by shard with the original's shard names and
-index, plus its config and tokenizer files, and loads with ``AutoModelForCausalLM.from_pretrained``.
+index, plus its config and tokenizer files, and loads with ``AutoModelForCausalLM.from_pretrained``. Each is
+written into a fresh directory that then replaces the old one, so no file of an earlier export survives.
 """
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .correction import check_adapter_shapes, weight_keys
+from .errors import UserError
+from .locking import output_lock
 from .lora import LoraAdapter
-from .streaming import CheckpointIndex, atomic_write
+from .streaming import INDEX_FILE, CheckpointError, CheckpointIndex, atomic_directory, read_header, read_tensors
 
 
 def _checked(adapter: LoraAdapter | str | os.PathLike, original: CheckpointIndex) -> tuple[LoraAdapter, dict]:
@@ -30,9 +32,11 @@ def _checked(adapter: LoraAdapter | str | os.PathLike, original: CheckpointIndex
         adapter = LoraAdapter.load(adapter)
     keys = weight_keys(adapter, original)
     for name, (a, b) in adapter.weights.items():
-        with safe_open(str(original.directory / original.weight_map[keys[name]]), "pt") as shard:
-            shape = shard.get_slice(keys[name]).get_shape()
-        check_adapter_shapes(name, a, b, shape, original.directory)
+        shard = original.directory / original.weight_map[keys[name]]
+        entry = read_header(shard)[0].get(keys[name])
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{shard}: holds no tensor {keys[name]!r}, which {INDEX_FILE} places there")
+        check_adapter_shapes(name, a, b, entry.get("shape", ()), original.directory)
     return adapter, keys
 
 
@@ -58,37 +62,44 @@ def merge_adapter(adapter: LoraAdapter | str | os.PathLike, original_path: str |
                   output_dir: str | os.PathLike, progress: bool = True) -> Path:
     """Write the original checkpoint with ``adapter`` merged in (``W + s B A``, fp32 sum, original dtype).
 
-    One shard is in memory at a time; each is written under a temporary name and renamed. The index, config,
-    generation config and tokenizer files are copied. Returns ``output_dir``.
+    One shard is in memory at a time. The shards, index, config, generation config and tokenizer files go
+    into a fresh directory that then takes ``output_dir``'s place (:func:`emloc.streaming.atomic_directory`):
+    no shard of an older merged model stays beside the new ones, where ``from_pretrained`` could load it.
+    Returns ``output_dir``.
     """
     original_path, output_dir = Path(original_path), Path(output_dir)
     original = CheckpointIndex(original_path)
     adapter, keys = _checked(adapter, original)
     module_of = {key: name for name, key in keys.items()}
-    if output_dir.resolve() == original_path.resolve():
-        raise ValueError(f"merge: the output directory {output_dir} is the original model's; choose another")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for file in tqdm(original.files, desc="merging LoRA", unit="shard", disable=not progress):
-        tensors = load_file(str(original_path / file))
-        for key, weight in tensors.items():
-            if key in module_of:
-                tensors[key] = merge_lora(weight, *adapter.weights[module_of[key]], adapter.scaling)
-        atomic_write(output_dir / file, lambda tmp, t=tensors: save_file(t, str(tmp), metadata={"format": "pt"}))
-        del tensors
-    for path in original_path.iterdir():
-        if path.is_file() and path.suffix != ".safetensors":
-            atomic_write(output_dir / path.name, lambda tmp, src=path: shutil.copyfile(src, tmp))
-    return output_dir
+    source, target = original_path.resolve(), output_dir.resolve()
+    if target == source or target in source.parents:
+        raise UserError(f"merge: the output directory {output_dir} is or holds the original model; choose another")
+
+    def write(temp: Path) -> None:
+        for file in tqdm(original.files, desc="merging LoRA", unit="shard", disable=not progress):
+            path = original_path / file
+            tensors = dict(read_tensors(path, [key for key in read_header(path)[0] if key != "__metadata__"]))
+            for key, weight in tensors.items():
+                if key in module_of:
+                    tensors[key] = merge_lora(weight, *adapter.weights[module_of[key]], adapter.scaling)
+            save_file(tensors, str(temp / file), metadata={"format": "pt"})
+            del tensors
+        for path in original_path.iterdir():
+            if path.is_file() and path.suffix != ".safetensors":
+                shutil.copyfile(path, temp / path.name)
+
+    return atomic_directory(output_dir, write, holds="config.json")
 
 
 def export(adapter: LoraAdapter | str | os.PathLike, original_path: str | os.PathLike,
            output_dir: str | os.PathLike, merge: bool = False, progress: bool = True) -> Path:
     """The ``emloc export`` stage: the PEFT adapter in ``output_dir/adapter`` and, with ``merge``, the merged
-    checkpoint in ``output_dir/merged``. Returns ``output_dir``."""
+    checkpoint in ``output_dir/merged``, under the lock of ``output_dir``. Returns ``output_dir``."""
     output_dir = Path(output_dir)
-    if not isinstance(adapter, LoraAdapter):
-        adapter = LoraAdapter.load(adapter)
-    export_adapter(adapter, original_path, output_dir / "adapter")
-    if merge:
-        merge_adapter(adapter, original_path, output_dir / "merged", progress)
+    with output_lock(output_dir):
+        if not isinstance(adapter, LoraAdapter):
+            adapter = LoraAdapter.load(adapter)
+        export_adapter(adapter, original_path, output_dir / "adapter")
+        if merge:
+            merge_adapter(adapter, original_path, output_dir / "merged", progress)
     return output_dir

@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .errors import UserError
 from .layers import EmulatorLinear
+from .streaming import atomic_directory, check_finite_weight, read_header, read_json, read_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -77,11 +79,11 @@ class LoraLinear(nn.Linear):
 LoraModule = (EmulatorLinear, LoraLinear)
 
 
-def _matches(name: str, target: str | list[str] | tuple[str, ...]) -> bool:
+def _matches(name: str, target: re.Pattern | list[str] | tuple[str, ...]) -> bool:
     # PEFT's convention: a string is a regular expression matched against the whole name; a list holds
     # module names or name suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``).
-    if isinstance(target, str):
-        return re.fullmatch(target, name) is not None
+    if isinstance(target, re.Pattern):
+        return target.fullmatch(name) is not None
     return any(name == t or name.endswith("." + t) for t in target)
 
 
@@ -105,15 +107,13 @@ def add_lora(model: nn.Module, target: str | list[str] | None = None, r: int = 8
         dropout: LoRA dropout probability.
         dtype: dtype of the LoRA weights (fp32 by default, whatever the base dtype).
 
-    Returns the names of the modules that got LoRA. Raises ValueError if ``target`` matches none.
+    Returns the names of the modules that got LoRA. Raises :class:`~emloc.errors.UserError` if ``target``
+    matches none.
     """
     if r < 1:
-        raise ValueError(f"add_lora: the LoRA rank r must be at least 1, got {r}")
+        raise UserError(f"add_lora: the LoRA rank r must be at least 1, got {r}")
     candidates = _candidate_linears(model)
-    names = [name for name in candidates if target is None or _matches(name, target)]
-    if not names:
-        some = ", ".join(list(candidates)[:6]) or "none"
-        raise ValueError(f"add_lora: target {target!r} matches no linear layer of the model (linears: {some}, ...)")
+    names = target_modules(model, target)
     model.requires_grad_(False)
     for name in names:
         module = candidates[name]
@@ -122,6 +122,36 @@ def add_lora(model: nn.Module, target: str | list[str] | None = None, r: int = 8
             model.set_submodule(name, module)
         module.add_lora(r, alpha, dropout, rslora, dtype=dtype)
     return names
+
+
+def target_modules(model: nn.Module, target: str | list[str] | None) -> list[str]:
+    """The names of the linears of ``model`` that ``target`` selects (see :func:`add_lora`). Module names are
+    the same in the original model and its emulator, so a run checks its target on the original's meta
+    skeleton before building anything. Raises :class:`~emloc.errors.UserError` for an invalid regular
+    expression or a target that matches no linear."""
+    candidates = _candidate_linears(model)
+    if isinstance(target, str):
+        try:
+            target = re.compile(target)
+        except re.error as exc:
+            raise UserError(f"add_lora: target {target!r} is not a valid regular expression ({exc})") from None
+    names = [name for name in candidates if target is None or _matches(name, target)]
+    if not names:
+        some = ", ".join(list(candidates)[:6]) or "none"
+        shown = target.pattern if isinstance(target, re.Pattern) else target
+        raise UserError(f"add_lora: target {shown!r} matches no linear layer of the model (linears: {some}, ...)")
+    return names
+
+
+def emulator_record(model: nn.Module) -> dict:
+    """What an adapter trained on ``model`` records of it: the emulator's path and content hash (from the
+    ``emloc`` section of its config), so that correction can refuse another emulator. Empty for a model
+    that is not an emulator, or one built before emulators recorded a content hash."""
+    section = getattr(getattr(model, "config", None), "emloc", None)
+    if not isinstance(section, dict) or "content_hash" not in section:
+        return {}
+    return {"emulator": {"path": getattr(model.config, "_name_or_path", None),
+                         "content_hash": section["content_hash"]}}
 
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -162,29 +192,31 @@ class LoraAdapter:
 
         Every LoRA module must share one rank and scaling. ``alpha`` and ``rslora`` name how that scaling was
         formed (checked against it); without ``alpha`` the adapter records ``alpha = s * r`` (same scaling).
+        On an emulator, the adapter records which one (:func:`emulator_record`).
         """
         modules = lora_modules(model)
         if not modules:
-            raise ValueError("LoraAdapter.from_model: the model carries no LoRA weights (call add_lora first)")
+            raise UserError("LoraAdapter.from_model: the model carries no LoRA weights (call add_lora first)")
         ranks = {m.lora_a.shape[0] for m in modules.values()}
         scalings = {m.lora_scaling for m in modules.values()}
         if len(ranks) != 1 or len(scalings) != 1:
-            raise ValueError(f"LoraAdapter.from_model: LoRA modules differ in rank {ranks} or scaling {scalings}")
+            raise UserError(f"LoraAdapter.from_model: LoRA modules differ in rank {ranks} or scaling {scalings}")
         r, scaling = ranks.pop(), scalings.pop()
         if alpha is None:
             alpha, rslora = scaling * r, False
         elif not math.isclose(lora_scaling(r, alpha, rslora), scaling, rel_tol=1e-12):
-            raise ValueError(f"LoraAdapter.from_model: alpha={alpha}, rslora={rslora} give scaling "
+            raise UserError(f"LoraAdapter.from_model: alpha={alpha}, rslora={rslora} give scaling "
                              f"{lora_scaling(r, alpha, rslora)}, but the model's LoRA scaling is {scaling}")
         weights = {name: (m.lora_a.detach().float().cpu().clone(), m.lora_b.detach().float().cpu().clone())
                    for name, m in modules.items()}
         return cls(weights, r=r, alpha=float(alpha), rslora=rslora,
-                   dropout=next(iter(modules.values())).lora_dropout, base_model=base_model)
+                   dropout=next(iter(modules.values())).lora_dropout, base_model=base_model,
+                   extra=emulator_record(model))
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT format), each atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT format), and the emloc record
+        ``emloc_adapter.json`` when there is one, into a fresh directory that then takes ``directory``'s place
+        (:func:`emloc.streaming.atomic_directory`): no file of an older adapter stays beside them."""
         tensors = {}
         for name, (a, b) in self.weights.items():
             tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()
@@ -195,67 +227,67 @@ class LoraAdapter:
             "target_modules": sorted(self.weights), "bias": "none", "fan_in_fan_out": False,
             "inference_mode": True, "init_lora_weights": True,
         }
-        weights_tmp = directory / f".{ADAPTER_WEIGHTS}.tmp"
-        save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
-        os.replace(weights_tmp, directory / ADAPTER_WEIGHTS)
-        atomic_write_text(directory / ADAPTER_CONFIG, json.dumps(config, indent=2))
-        if self.extra:  # kept out of adapter_config.json, whose keys PEFT checks
-            atomic_write_text(directory / EMLOC_INFO, json.dumps(self.extra, indent=2))
-        else:
-            (directory / EMLOC_INFO).unlink(missing_ok=True)
-        return directory
+
+        def write(temp: Path) -> None:
+            save_file(tensors, str(temp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            (temp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+            if self.extra:  # kept out of adapter_config.json, whose keys PEFT checks
+                (temp / EMLOC_INFO).write_text(json.dumps(self.extra, indent=2))
+
+        return atomic_directory(directory, write, holds=ADAPTER_CONFIG)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "LoraAdapter":
-        """Read an adapter saved by :meth:`save` (or by PEFT, for a plain LoRA without biases)."""
+        """Read an adapter saved by :meth:`save` (or by PEFT, for a plain LoRA without biases). Raises
+        :class:`~emloc.errors.UserError` naming the file for anything missing, truncated or non-finite."""
         directory = Path(directory)
         config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"LoRA adapter: {path} does not exist")
-        config = json.loads(config_path.read_text())
-        if config.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"LoRA adapter {directory}: peft_type is {config.get('peft_type')!r}, not 'LORA'")
-        tensors = load_file(str(weights_path))
+        config = read_json(config_path)
+        if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+            raise UserError(f"LoRA adapter {config_path}: not a LoRA adapter config (peft_type "
+                            f"{config.get('peft_type') if isinstance(config, dict) else None!r})")
+        try:
+            r, alpha = int(config["r"]), float(config["lora_alpha"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"LoRA adapter {config_path}: needs integer 'r' and number 'lora_alpha' ({exc!r})") from None
+        keys = [key for key in read_header(weights_path)[0] if key != "__metadata__"]
         pairs: dict[str, dict[str, Tensor]] = {}
-        for key, tensor in tensors.items():
+        for key, tensor in read_tensors(weights_path, keys):
             match = re.fullmatch(rf"{re.escape(_PEFT_PREFIX)}(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
             if match is None:
-                raise ValueError(f"LoRA adapter {weights_path}: unexpected key {key!r}")
+                raise UserError(f"LoRA adapter {weights_path}: unexpected key {key!r}")
+            check_finite_weight(tensor, key, weights_path)
             pairs.setdefault(match[1], {})[match[2]] = tensor
         weights = {}
         for name, pair in pairs.items():
             if set(pair) != {"A", "B"}:
-                raise ValueError(f"LoRA adapter {weights_path}: module {name!r} has lora_{''.join(pair)} only")
+                raise UserError(f"LoRA adapter {weights_path}: module {name!r} has lora_{''.join(pair)} only")
             a, b = pair["A"], pair["B"]
-            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != config["r"] or b.shape[1] != config["r"]:
-                raise ValueError(f"LoRA adapter {weights_path}: module {name!r} has lora_A {tuple(a.shape)} and "
-                                 f"lora_B {tuple(b.shape)}, which do not fit rank r={config['r']}")
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
+                raise UserError(f"LoRA adapter {weights_path}: module {name!r} has lora_A {tuple(a.shape)} and "
+                                f"lora_B {tuple(b.shape)}, which do not fit rank r={r}")
             weights[name] = (a, b)
-        return cls(weights, r=int(config["r"]), alpha=float(config["lora_alpha"]),
-                   rslora=bool(config.get("use_rslora", False)), dropout=float(config.get("lora_dropout", 0.0)),
-                   base_model=config.get("base_model_name_or_path"),
-                   extra=json.loads((directory / EMLOC_INFO).read_text()) if (directory / EMLOC_INFO).is_file() else {})
+        extra = read_json(directory / EMLOC_INFO) if (directory / EMLOC_INFO).is_file() else {}
+        return cls(weights, r=r, alpha=alpha, rslora=bool(config.get("use_rslora", False)),
+                   dropout=float(config.get("lora_dropout", 0.0)), base_model=config.get("base_model_name_or_path"),
+                   extra=extra)
 
     def apply_to(self, model: nn.Module) -> None:
         """Attach these LoRA weights to ``model`` (emulator or original), by module name, with their scaling."""
         modules = _candidate_linears(model)
         missing = sorted(set(self.weights) - set(modules))
         if missing:
-            raise ValueError(f"LoRA adapter: modules {missing[:5]} are not linear layers of the model")
+            raise UserError(f"LoRA adapter: modules {missing[:5]} are not linear layers of the model")
         add_lora(model, target=list(self.weights), r=self.r, alpha=self.alpha, rslora=self.rslora)
         for name, module in lora_modules(model).items():
             a, b = self.weights[name]
             if a.shape != module.lora_a.shape or b.shape != module.lora_b.shape:
-                raise ValueError(f"LoRA adapter: {name} has lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}; "
+                raise UserError(f"LoRA adapter: {name} has lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}; "
                                  f"the model's layer needs {tuple(module.lora_a.shape)}, {tuple(module.lora_b.shape)}")
             with torch.no_grad():
                 module.lora_a.copy_(a)
                 module.lora_b.copy_(b)
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary name, so a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -1,8 +1,10 @@
 """Architecture adapters: where a causal LM keeps its decoder blocks, which linears share an input, and how
 to catch what each block receives (hidden states and keyword arguments) without running the blocks.
 
-Any transformers decoder-only causal LM works through the generic rule (the ``nn.ModuleList`` holding
-``num_hidden_layers`` blocks); the registry names the stack explicitly for the architectures we test.
+The registry lists the architecture families emloc builds and where each keeps its block stack; a model
+directory of any other family is refused by :func:`load_config`, before any stage writes a file (GPT-2's
+blocks hold ``Conv1D`` rather than linears, BERT is an encoder). :func:`block_stack` also finds the stack of
+a model object outside the registry by a generic rule (the ``nn.ModuleList`` of ``num_hidden_layers`` blocks).
 Block inputs are caught by swapping each block for a :class:`_BlockProxy` and running the model's own
 forward, so masks, position embeddings and per-layer-type arguments (sliding window, local/global rotary)
 are exactly those the model computes for that block.
@@ -10,7 +12,6 @@ are exactly those the model computes for that block.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +19,9 @@ import torch
 import transformers
 from accelerate import init_empty_weights
 from torch import nn
+
+from .errors import UserError
+from .streaming import read_json
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -47,31 +51,30 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
 INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     """The model directory does not hold a decoder-only causal LM we can stream."""
 
 
 def _supported() -> str:
-    return ", ".join(SUPPORTED_ARCHITECTURES) + " (and any transformers decoder-only causal LM with a block stack)"
+    return ", ".join(SUPPORTED_ARCHITECTURES)
 
 
 def load_config(model_dir) -> transformers.PretrainedConfig:
-    """The transformers config of ``model_dir``, with a clear error for unknown architectures."""
+    """The transformers config of ``model_dir``; :class:`UnsupportedModelError` naming the supported
+    families for any architecture outside :data:`SUPPORTED_ARCHITECTURES`."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise UnsupportedModelError(f"{model_dir}: no config.json; not a transformers model directory")
-    model_type = json.loads(path.read_text()).get("model_type")
+    raw = read_json(path)
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(f"{path}: unsupported architecture {model_type!r}; supported: "
+                                    f"{_supported()} (the decoder-only causal LM families emloc builds)")
     try:
-        config = transformers.AutoConfig.from_pretrained(model_dir)
+        return transformers.AutoConfig.from_pretrained(model_dir)
     except (ValueError, KeyError) as exc:
-        raise UnsupportedModelError(
-            f"{path}: unknown architecture {model_type!r}; supported: {_supported()}"
-        ) from exc
-    if type(config) not in transformers.AutoModelForCausalLM._model_mapping:
-        raise UnsupportedModelError(
-            f"{path}: architecture {model_type!r} is not a causal LM transformers can build; supported: {_supported()}"
-        )
-    return config
+        raise UnsupportedModelError(f"{path}: transformers {transformers.__version__} cannot read this "
+                                    f"{model_type!r} config ({exc}); supported: {_supported()}") from exc
 
 
 def skeleton(config: transformers.PretrainedConfig) -> nn.Module:

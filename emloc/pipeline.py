@@ -13,20 +13,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import transformers
 
+from . import models
 from .correction import correct_lora
 from .data import load_examples, split_examples
 from .emulator import REPORT as BUILD_REPORT
-from .emulator import build_emulator, load_emulator
+from .emulator import build_emulator, load_emulator, plan_compression
+from .errors import UserError, check_float, check_int, check_ratio
 from .export import export
-from .lora import LoraAdapter, atomic_write_text
+from .locking import output_lock
+from .lora import LoraAdapter, target_modules
 from .memory import Plan, plan
 from .memory.spec import load_model_config
+from .streaming import atomic_write_text, read_json
 from .training import ADAPTER_DIR, REPORT_FILE, TrainConfig, evaluate, train
 
 STATE_FILE = "run_state.json"
@@ -49,7 +54,7 @@ def plan_for_budget(model_dir: str | os.PathLike, budget: str | int, config: Tra
     given ratio, or any ratio, does not fit.
     """
     if isinstance(ratio, dict):
-        raise ValueError("budget: the plan is for one compression ratio; per-module ratios cannot be planned")
+        raise UserError("budget: the plan is for one compression ratio; per-module ratios cannot be planned")
     model_config, name = load_model_config(model_dir)
     if dtype is not None:
         model_config = {**model_config, "torch_dtype": str(dtype).removeprefix("torch.")}
@@ -57,7 +62,7 @@ def plan_for_budget(model_dir: str | os.PathLike, budget: str | int, config: Tra
                           lora_r=config.lora_r, samples=max_samples, ratio=ratio, method=svd), model=name)
     if not result.fits:
         given = "" if ratio is None else f"ratio {ratio} does not fit: "
-        raise ValueError(f"budget {budget}: {given}{result.reason}")
+        raise UserError(f"budget {budget}: {given}{result.reason}")
     return result
 
 
@@ -92,7 +97,7 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
         ratio: float | dict[str, float] | None = None, *, train_config: TrainConfig | None = None,
         clamp: float | None = 3.0, merge: bool = False, device: str | None = None, dtype: torch.dtype | None = None,
         max_samples: int = 64, svd: str = "exact", evaluate_original: bool = True, budget: str | int | None = None,
-        progress: bool = True) -> dict:
+        overwrite: bool = False, progress: bool = True) -> dict:
     """Build, train, correct and export; returns the summary (also written to ``output_dir/summary.json``).
 
     Args:
@@ -110,10 +115,22 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
         budget: device memory (``"24GiB"``, bytes) the build and training must fit: the run follows
             :func:`plan_for_budget` (ratio, calibration micro-batch, LM-head chunk, embedding on the host)
             and records the plan in the summary. The plan covers the emulator path, not ``evaluate_original``.
+        overwrite: start over in an ``output_dir`` that holds a run with other settings (or stage outputs
+            without a run record), instead of refusing it.
+
+    Every setting, the model's architecture, the compression patterns and the LoRA target are checked
+    against the model's config before anything is written; the run then holds the lock of ``output_dir``.
     """
     model_path, output_dir = Path(model_path), Path(output_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = replace(train_config or TrainConfig(), output_dir=str(output_dir / "train"), progress=progress)
+    check_int(max_samples, "max_samples")
+    if ratio is not None and not isinstance(ratio, dict):
+        check_ratio(ratio, "ratio")
+    if clamp is not None:
+        check_float(clamp, "clamp", 0, float("inf"), low_open=True, high_open=True)
+    skeleton = models.skeleton(models.load_config(model_path))
+    target_modules(skeleton, config.lora_target)
     build_args = {"compression": DEFAULT_RATIO if ratio is None else ratio, "max_samples": max_samples, "svd": svd}
     followed = None
     if budget is not None:
@@ -122,36 +139,55 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
         config = replace(config, **followed.train_kwargs())
         if progress:
             print(followed.table(), flush=True)
+    plan_compression(skeleton, build_args["compression"])
+    del skeleton
     settings = {"model": str(model_path.resolve()), "data": str(Path(data).resolve()),
                 "ratio": build_args["compression"] if budget is None else ratio, "budget": budget,
                 "clamp": clamp, "merge": merge, "dtype": str(dtype), "max_samples": max_samples, "svd": svd,
                 "train": _recorded(config)}
+    with output_lock(output_dir):
+        return _run_stages(model_path, data, output_dir, settings, build_args, config, followed, overwrite,
+                           device=device, dtype=dtype, clamp=clamp, merge=merge, progress=progress,
+                           evaluate_original=evaluate_original)
+
+
+def _run_stages(model_path: Path, data, output_dir: Path, settings: dict, build_args: dict, config: TrainConfig,
+                followed: Plan | None, overwrite: bool, *, device, dtype, clamp, merge, progress,
+                evaluate_original) -> dict:
+    """The stages of :func:`run`, under the lock of ``output_dir``, skipping those ``run_state.json`` records."""
     output_dir.mkdir(parents=True, exist_ok=True)
     state_path = output_dir / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"settings": settings, "done": []}
-    stored = state["settings"]
+    state = read_json(state_path) if state_path.is_file() else None
+    stored = (state or {}).get("settings", {})
     if isinstance(stored.get("train"), dict):  # a run saved before a TrainConfig field existed used its default
         stored = {**stored, "train": {**_recorded(TrainConfig()), **stored["train"]}}
     changed = sorted(k for k in settings.keys() | stored.keys() if settings.get(k) != stored.get(k))
-    if changed:
-        raise ValueError(f"{output_dir} holds a run with other settings ({', '.join(changed)} differ); "
-                         "resume with the same arguments or choose another output directory")
-    done = set(state["done"])
+    if state is not None and changed and not overwrite:
+        raise UserError(f"{output_dir} holds a run with other settings ({', '.join(changed)} differ); resume "
+                        "with the same arguments, pass overwrite=True (--overwrite) to start over, or choose "
+                        "another output directory")
+    train_dir = Path(config.output_dir)
+    done = set(state["done"]) if state is not None and not changed else set()
+    if overwrite and not done:  # starting over: no checkpoint of another run may be resumed
+        shutil.rmtree(train_dir, ignore_errors=True)
 
-    def finish(stage: str) -> None:
-        done.add(stage)
+    def finish(stage: str | None) -> None:
+        done.update([stage] if stage else [])
         atomic_write_text(state_path, json.dumps({"settings": settings, "done": sorted(done)}, indent=2))
+
+    if not done:  # a fresh run, or one started over: its settings are recorded before any stage writes
+        finish(None)
 
     emulator_dir = output_dir / "emulator"
     if "build" not in done:
-        build_emulator(model_path, data, emulator_dir, device=device, dtype=dtype, progress=progress, **build_args)
+        build_emulator(model_path, data, emulator_dir, device=device, dtype=dtype, progress=progress,
+                       overwrite=overwrite, **build_args)
         finish("build")
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(emulator_dir)
     pad_id = tokenizer.pad_token_id or 0
     examples, eval_examples = split_examples(load_examples(data, tokenizer, config.max_length),
                                              config.eval_fraction, config.seed)
-    train_dir = Path(config.output_dir)
     if "train" not in done:
         emulator = load_emulator(emulator_dir, device=device, dtype=dtype)
         train(emulator, examples, config, tokenizer=tokenizer, eval_data=eval_examples)
@@ -169,8 +205,8 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
         export(corrected_dir, model_path, export_dir, merge=merge, progress=progress)
         finish("export")
 
-    build_report = json.loads((emulator_dir / BUILD_REPORT).read_text())
-    train_report = json.loads((train_dir / REPORT_FILE).read_text())
+    build_report = read_json(emulator_dir / BUILD_REPORT)
+    train_report = read_json(train_dir / REPORT_FILE)
     summary = {
         "parameters": {"original": build_report["parameters_before"], "emulator": build_report["parameters_after"]},
         "bytes": {"original": _dir_bytes(model_path), "emulator": _dir_bytes(emulator_dir)},

@@ -8,19 +8,31 @@ just the tensors of one module (a decoder block, the embedding) from the shards 
     materialize(block, "model.layers.7", index, device="cuda", dtype=torch.bfloat16)
     ...  # use the block
     release(block)
+
+The file discipline of every stage lives here too: reads that name the file at fault (a missing, truncated
+or non-finite tensor), writes under a temporary name (:func:`atomic_write`) or into a fresh directory that is
+swapped in (:func:`atomic_directory`), and content hashes (:func:`file_sha256`, :meth:`CheckpointIndex.content_hash`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
+import shutil
 import struct
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-__all__ = ["CheckpointError", "CheckpointIndex", "atomic_write", "key_mapping", "materialize", "read_tensors", "release"]
+from .errors import OutputError, UserError
+
+__all__ = ["CheckpointError", "CheckpointIndex", "atomic_directory", "atomic_write", "atomic_write_text",
+           "cached_file_sha256", "check_finite_weight", "file_sha256", "key_mapping", "materialize", "read_json",
+           "read_tensors", "release"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -31,8 +43,9 @@ SAFETENSORS_DTYPES = {
 }
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable or lacks a tensor; the message names the file."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint file is missing, unreadable, lacks a tensor or holds a non-finite weight; the message
+    names the file (and the tensor)."""
 
 
 class CheckpointIndex:
@@ -87,21 +100,47 @@ class CheckpointIndex:
             for key, tensor in read_tensors(self.directory / file, file_keys):
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
+                check_finite_weight(tensor, key, self.directory / file)
                 out[key] = tensor.to(device)
         return out
 
     def content_hash(self) -> str:
-        """SHA-256 over the index and each shard's size and safetensors header (tensor names, dtypes,
-        shapes, offsets): cheap on a 76 GB checkpoint, and it changes whenever the stored tensors do
-        in layout (a rewrite with identical layout but other values is not detected)."""
+        """SHA-256 over the index and the SHA-256 of every shard's full bytes: two checkpoints agree only
+        if every stored tensor does, values included. Each shard's digest is cached by path, size, mtime
+        and inode (:func:`cached_file_sha256`), so only the first stage to see a checkpoint reads it whole. A
+        truncated shard is reported as such (:class:`CheckpointError`) rather than hashed into another model."""
         digest = hashlib.sha256(json.dumps(self.weight_map, sort_keys=True).encode())
         for file in sorted(self.files):
-            path = self.directory / file
-            with open(path, "rb") as handle:
-                head = handle.read(8)
-                size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-                digest.update(file.encode() + struct.pack("<Q", path.stat().st_size) + handle.read(min(size, 1 << 26)))
+            _check_complete(self.directory / file)
+            digest.update(f"{file}:{cached_file_sha256(self.directory / file)};".encode())
         return digest.hexdigest()
+
+
+# Dtypes whose values are checked when loaded (float8 has no reduction to check with; integers are finite).
+_CHECKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_finite_weight(tensor: torch.Tensor, key: str, path: Path) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` and tensor ``key`` if it holds NaN or Inf, so a bad weight
+    is reported as itself and not as the bad activations of some module after it. One float64 sum per tensor
+    (NaN and Inf survive it; only float64 values can overflow it, and those are then checked one by one)."""
+    if tensor.dtype not in _CHECKED_DTYPES or tensor.device.type == "meta":
+        return
+    if math.isfinite(float(tensor.sum(dtype=torch.float64))) or bool(torch.isfinite(tensor).all()):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    raise CheckpointError(f"{path}: {key} holds NaN or Inf ({bad} of {tensor.numel()} values, as {tensor.dtype})")
+
+
+def _check_complete(path: Path) -> None:
+    """Raise :class:`CheckpointError` if the shard at ``path`` is shorter than its header says (a truncated
+    copy or download), from the header alone."""
+    header, data_start = read_header(path)
+    ends = [entry["data_offsets"][1] for entry in header.values()
+            if isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list) and entry["data_offsets"]]
+    size = path.stat().st_size
+    if ends and data_start + max(ends) > size:
+        raise CheckpointError(f"{path}: truncated ({size} bytes, its header describes {data_start + max(ends)})")
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -116,7 +155,7 @@ def read_header(path: Path) -> tuple[dict, int]:
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read safetensors shard ({exc})") from exc
+        raise CheckpointError(f"{path}: cannot read the safetensors file ({exc})") from exc
     return header, 8 + size
 
 
@@ -227,14 +266,110 @@ def release(module: nn.Module, skip: str | None = None) -> nn.Module:
     return module
 
 
+def _write_failed(path: Path, exc: Exception) -> OutputError:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return OutputError(f"{path}: cannot write it ({reason})")
+
+
 def atomic_write(path, write) -> Path:
     """Call ``write(temp_path)`` then rename the temporary file onto ``path``: a reader (or a resumed run)
-    sees either the old file or the complete new one, never a partial write."""
+    sees either the old file or the complete new one, never a partial write. A failed write (a full disk, a
+    read-only file system) raises :class:`~emloc.errors.OutputError` naming ``path``."""
     path = Path(path)
     temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(temp)
         os.replace(temp, path)
+    except OutputError:
+        raise
+    except (OSError, SafetensorError) as exc:
+        raise _write_failed(path, exc) from exc
     finally:
-        temp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
     return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """:func:`atomic_write` of ``text``."""
+    return atomic_write(path, lambda temp: Path(temp).write_text(text))
+
+
+def atomic_directory(path, write, holds: str) -> Path:
+    """Call ``write(temp_dir)`` on a fresh sibling directory, then swap it in for ``path``: nothing of an
+    older output stays beside the new files (a stale shard would be loaded in their place), and until the
+    swap the old directory is untouched. A killed swap leaves the temporary directories, which the next call
+    removes.
+
+    An existing ``path`` is replaced only if it is empty or holds the file ``holds`` (an earlier output of
+    the same kind), so that a mistyped output path never deletes other files. The swap holds the lock of
+    ``path`` (:func:`emloc.locking.output_lock`)."""
+    from .locking import output_lock
+
+    path = Path(path)
+    with output_lock(path):
+        if path.is_dir() and any(path.iterdir()) and not (path / holds).is_file():
+            raise UserError(f"{path}: exists, is not empty and holds no {holds}; it is not replaced, choose "
+                            "another directory")
+        temp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+        try:
+            for leftover in (temp, old):
+                shutil.rmtree(leftover, ignore_errors=True)
+            temp.mkdir(parents=True)
+            write(temp)
+            if path.exists():
+                os.replace(path, old)
+            os.replace(temp, path)
+        except OutputError:
+            raise
+        except (OSError, SafetensorError) as exc:
+            raise _write_failed(path, exc) from exc
+        finally:
+            for leftover in (temp, old):
+                shutil.rmtree(leftover, ignore_errors=True)
+    return path
+
+
+def read_json(path):
+    """The JSON document in ``path``; :class:`~emloc.errors.UserError` naming the file if it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read it as JSON ({exc})") from None
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of the file at ``path``, read in 16 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hash_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emloc" / "sha256.json"
+
+
+def cached_file_sha256(path) -> str:
+    """:func:`file_sha256`, remembered in ``$XDG_CACHE_HOME/emloc/sha256.json`` (``~/.cache``) under the
+    file's absolute path, size, mtime and inode: a rewrite changes one of them, so a cached digest is reused
+    only for an untouched file. A cache that cannot be read or written is ignored."""
+    path = Path(path).absolute()
+    stat = path.stat()
+    stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    cache_path = _hash_cache()
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    entry = cache.get(str(path))
+    if isinstance(entry, dict) and entry.get("stamp") == stamp:
+        return entry["sha256"]
+    digest = file_sha256(path)
+    kept = {name: e for name, e in cache.items() if os.path.exists(name)}  # forget files that are gone
+    with contextlib.suppress(OSError, UserError):
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache_path, json.dumps({**kept, str(path): {"stamp": stamp, "sha256": digest}}))
+    return digest

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,17 +23,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import transformers
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from emloc_kernels import lm_head_cross_entropy
 
 from .data import IGNORE, collate, load_examples, split_examples, target_tokens
-from .lora import LoraAdapter, add_lora, atomic_write_text, lora_modules, lora_parameters
+from .errors import UserError, check_float, check_int
+from .locking import output_lock
+from .lora import LoraAdapter, add_lora, lora_modules, lora_parameters
+from .streaming import atomic_directory, atomic_write_text, read_header, read_json, read_tensors
 
 ADAPTER_DIR = "adapter"
 REPORT_FILE = "train_report.json"
 CHECKPOINT_PREFIX = "checkpoint-"
+STATE_JSON, STATE_TENSORS, LEGACY_STATE = "state.json", "state.safetensors", "state.pt"
 
 
 @dataclass
@@ -74,9 +78,19 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "micro_batch_size", "grad_accum", "lora_r", "lm_head_chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "lora_r", "lm_head_chunk", "max_length",
+                     "save_steps"):
+            check_int(getattr(self, name), f"TrainConfig.{name}")
+        check_int(self.eval_steps, "TrainConfig.eval_steps", minimum=0)
+        check_float(self.learning_rate, "TrainConfig.learning_rate", 0, math.inf, low_open=True, high_open=True)
+        check_float(self.warmup_ratio, "TrainConfig.warmup_ratio", 0, 1)
+        check_float(self.weight_decay, "TrainConfig.weight_decay", 0, math.inf, high_open=True)
+        check_float(self.lora_dropout, "TrainConfig.lora_dropout", 0, 1, high_open=True)
+        check_float(self.eval_fraction, "TrainConfig.eval_fraction", 0, 1, high_open=True)
+        if self.max_grad_norm is not None:
+            check_float(self.max_grad_norm, "TrainConfig.max_grad_norm", 0, math.inf, low_open=True, high_open=True)
+        if self.lora_alpha is not None:
+            check_float(self.lora_alpha, "TrainConfig.lora_alpha", 0, math.inf, low_open=True, high_open=True)
 
 
 # --- loss ------------------------------------------------------------------------------------------------
@@ -124,7 +138,7 @@ class CausalLMLoss(nn.Module):
         self.model, self.chunk = model, chunk
         head = model.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
-            raise ValueError("CausalLMLoss: an LM head with a bias is not supported")
+            raise UserError("CausalLMLoss: an LM head with a bias is not supported")
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
@@ -196,7 +210,7 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
 def enable_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder block's activations in backward (non-reentrant: works with frozen inputs and DDP)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(f"gradient checkpointing: {type(model).__name__} does not support it; "
+        raise UserError(f"gradient checkpointing: {type(model).__name__} does not support it; "
                          "set gradient_checkpointing=False")
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -262,24 +276,65 @@ def _global_batches(n_examples: int, global_batch: int, seed: int):
 
 
 def _latest_checkpoint(output_dir: Path) -> Path | None:
-    found = sorted((p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.pt").is_file()),
+    found = sorted((p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+                    if p.name[len(CHECKPOINT_PREFIX):].isdigit()
+                    and ((p / STATE_JSON).is_file() or (p / LEGACY_STATE).is_file())),
                    key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
     return found[-1] if found else None
 
 
 def _save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, history: list, lora_form) -> None:
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = output_dir / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    LoraAdapter.from_model(model, *lora_form).save(tmp / ADAPTER_DIR)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "lora": {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_" in k},
-             "rng": torch.get_rng_state(), "history": history}
-    torch.save(state, tmp / "state.pt")
-    os.replace(tmp, final)
+    """``checkpoint-<step>``: the adapter, every tensor of the training state in ``state.safetensors`` (LoRA
+    weights, AdamW moments and steps, the RNG state) and the rest in ``state.json`` (step, losses, scheduler,
+    optimizer settings). Nothing in it is a pickle, so resuming never executes code from the run directory.
+    Written to a temporary directory and renamed; older checkpoints are removed after."""
+    optimizer_state = optimizer.state_dict()
+    tensors = {f"lora/{k}": v.detach() for k, v in model.state_dict().items() if ".lora_" in k}
+    tensors["rng"] = torch.get_rng_state()
+    for index, values in optimizer_state["state"].items():
+        tensors.update({f"optimizer/{index}/{name}": value for name, value in values.items()})
+    meta = {"format_version": 1, "step": step, "history": history, "scheduler": scheduler.state_dict(),
+            "param_groups": optimizer_state["param_groups"]}
+
+    def write(temp: Path) -> None:
+        LoraAdapter.from_model(model, *lora_form).save(temp / ADAPTER_DIR)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temp / STATE_TENSORS))
+        (temp / STATE_JSON).write_text(json.dumps(meta))
+
+    final = atomic_directory(output_dir / f"{CHECKPOINT_PREFIX}{step}", write, holds=STATE_JSON)
     for old in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_checkpoint(directory: Path) -> dict:
+    """The training state saved by :func:`_save_checkpoint`, as ``{"step", "history", "lora", "rng",
+    "optimizer", "scheduler"}``. A checkpoint of an earlier emloc (``state.pt``) is read with
+    ``torch.load(weights_only=True)``, which builds tensors and plain containers only and refuses anything
+    else; a file it refuses is reported, never executed."""
+    if not (directory / STATE_JSON).is_file():
+        path = directory / LEGACY_STATE
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 -- the unpickler's refusals come as several exception types
+            raise UserError(f"{path}: not a checkpoint emloc reads (it holds more than tensors and plain data: "
+                            f"{type(exc).__name__}); delete it to resume from an earlier one or from the start") from None
+    meta = read_json(directory / STATE_JSON)
+    path = directory / STATE_TENSORS
+    keys = [key for key in read_header(path)[0] if key != "__metadata__"]
+    tensors = dict(read_tensors(path, keys))
+    try:
+        optimizer_state: dict[int, dict] = {}
+        for key, tensor in tensors.items():
+            if key.startswith("optimizer/"):
+                _, index, name = key.split("/")
+                optimizer_state.setdefault(int(index), {})[name] = tensor
+        return {"step": int(meta["step"]), "history": list(meta["history"]), "rng": tensors["rng"],
+                "lora": {k.removeprefix("lora/"): t for k, t in tensors.items() if k.startswith("lora/")},
+                "optimizer": {"state": optimizer_state, "param_groups": meta["param_groups"]},
+                "scheduler": meta["scheduler"]}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{directory}: incomplete checkpoint ({type(exc).__name__}: {exc})") from None
 
 
 @dataclass
@@ -296,7 +351,7 @@ def _saved_tokenizer(model: nn.Module):
     """The tokenizer stored beside the model's weights (``config._name_or_path``), with a clear error if none."""
     directory = Path(getattr(model.config, "_name_or_path", "") or ".")
     if not (directory / "tokenizer_config.json").is_file():
-        raise ValueError(f"train: the data is a file and the model's directory ({directory}) holds no tokenizer; "
+        raise UserError(f"train: the data is a file and the model's directory ({directory}) holds no tokenizer; "
                          "pass tokenizer=")
     return transformers.AutoTokenizer.from_pretrained(directory)
 
@@ -318,9 +373,16 @@ def train(model: nn.Module, data, config: TrainConfig, tokenizer=None, eval_data
     With ``config.output_dir`` set, checkpoints go to ``output_dir/checkpoint-<step>`` every ``save_steps``
     (a later call with ``resume=True`` continues from the latest, giving the same weights as an uninterrupted
     run), and the trained adapter (PEFT format) and a JSON report are written at the end. Under torchrun each
-    rank takes its share of every global batch and gradients are averaged by DDP; rank 0 writes the files.
+    rank takes its share of every global batch and gradients are averaged by DDP; rank 0 writes the files,
+    holding the lock of ``output_dir`` (:func:`emloc.locking.output_lock`) from the start.
     """
     rank, world = _world()
+    writes = config.output_dir is not None and rank == 0
+    with output_lock(config.output_dir) if writes else contextlib.nullcontext():
+        return _train(model, data, config, tokenizer, eval_data, rank, world)
+
+
+def _train(model: nn.Module, data, config: TrainConfig, tokenizer, eval_data, rank: int, world: int) -> TrainResult:
     if tokenizer is None and not isinstance(data, list):
         tokenizer = _saved_tokenizer(model)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
@@ -338,7 +400,7 @@ def train(model: nn.Module, data, config: TrainConfig, tokenizer=None, eval_data
         lora_form = (config.lora_r if config.lora_alpha is None else config.lora_alpha, config.rslora)
     parameters = lora_parameters(model)
     if world > 1 and not config.embeddings_on_device:
-        raise ValueError("TrainConfig.embeddings_on_device: data parallelism needs the input embedding on the "
+        raise UserError("TrainConfig.embeddings_on_device: data parallelism needs the input embedding on the "
                          "device; set embeddings_on_device=True")
     place_input_embedding(model, config.embeddings_on_device)
     if config.gradient_checkpointing:
@@ -355,7 +417,7 @@ def train(model: nn.Module, data, config: TrainConfig, tokenizer=None, eval_data
     step, history = 0, []
     latest = _latest_checkpoint(output_dir) if output_dir and config.resume else None
     if latest is not None:
-        state = torch.load(latest / "state.pt", weights_only=False)
+        state = _read_checkpoint(latest)
         model.load_state_dict(state["lora"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

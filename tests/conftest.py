@@ -1,4 +1,5 @@
-"""Test-wide setup: Triton runs in its interpreter without a GPU, and fresh allocations are poisoned.
+"""Test-wide setup: Triton runs in its interpreter without a GPU, fresh allocations are poisoned, and the
+digest cache lives in a temporary directory.
 
 TRITON_INTERPRET must be set before any Triton kernel is defined, hence at the top of conftest.
 """
@@ -35,6 +36,18 @@ def poison_empty(monkeypatch):
         monkeypatch.setattr(torch, name, _poisoned(getattr(torch, name)))
     monkeypatch.setattr(torch.Tensor, "new_empty", _poisoned(torch.Tensor.new_empty))
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def content_hash_cache(tmp_path_factory):
+    """Keep the cache of shard digests (emloc.streaming.cached_file_sha256) out of the user's home."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
 
 
 @pytest.fixture

@@ -324,7 +324,7 @@ def test_non_finite_activations_name_block_and_module(tmp_path):
     source = make_checkpoint(tmp_path / "src", "llama", num_layers=3)
     shard = source / "model-00002-of-00002.safetensors"
     state = load_file(str(shard))
-    state["model.layers.2.input_layernorm.weight"][3] = float("inf")
+    state["model.layers.2.input_layernorm.weight"][3] = 3e38  # finite, but its activations overflow
     save_file(state, str(shard), metadata={"format": "pt"})
     out = tmp_path / "emu"
     with pytest.raises(BuildError, match=r"model\.layers\.2\.self_attn\.q_proj: calibration input activations contain NaN or Inf"):

@@ -79,3 +79,21 @@ def non_contiguous(t: torch.Tensor) -> torch.Tensor:
     out = wide[..., ::2]
     assert not out.is_contiguous()
     return out
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    """Run ``emloc argv`` expecting a user error: exit status 2 and one line ``emloc COMMAND: ...`` on stderr,
+    the last one (progress bars may come before it), no traceback. Returns that line."""
+    from emloc import cli
+
+    capsys.readouterr()
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, f"exit status {code}, stderr: {err}"
+    lines = err.split("\n")
+    messages = [line for line in lines if line.startswith(f"emloc {argv[0]}: ")]
+    assert messages == lines[-1:] and "Traceback" not in err, err
+    return messages[0]

@@ -2,20 +2,16 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-from ..calibration import CalibrationError
-from ..emulator import REPORT, BuildError, build_emulator
-from ..models import UnsupportedModelError
+from ..emulator import REPORT, build_emulator
+from ..errors import UserError
 from ..pipeline import DEFAULT_RATIO, plan_for_budget
-from ..streaming import CheckpointError
+from ..streaming import read_json
 from ..training import TrainConfig
-
-# Errors that describe bad input: reported as one line, without a traceback.
-INPUT_ERRORS = (BuildError, CalibrationError, CheckpointError, UnsupportedModelError)
+from . import positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -34,10 +30,11 @@ def add_parser(subparsers) -> None:
                             "largest that fits)")
     ratio.add_argument("--compress", type=Path, metavar="CONFIG.json",
                        help="JSON object {regex over module names: ratio}; first match wins")
-    parser.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
-    parser.add_argument("--max-length", type=int, default=2048, help="tokens per sample (default 2048)")
+    parser.add_argument("--samples", type=positive_int, default=64, help="calibration samples (default 64)")
+    parser.add_argument("--max-length", type=positive_int, default=2048, help="tokens per sample (default 2048)")
     batch = parser.add_mutually_exclusive_group()
-    batch.add_argument("--batch-size", type=int, default=None, help="samples per calibration batch (default 4)")
+    batch.add_argument("--batch-size", type=positive_int, default=None,
+                       help="samples per calibration batch (default 4)")
     batch.add_argument("--budget", default=None, metavar="SIZE",
                        help="device memory to fit (24GiB, 20GB, ...): the ratio (unless given) and the calibration "
                             "batch follow the memory plan, for training with the defaults of `emloc train` after")
@@ -57,12 +54,9 @@ def add_parser(subparsers) -> None:
 def _compression(args) -> float | dict[str, float]:
     if args.compress is None:
         return DEFAULT_RATIO if args.ratio is None else args.ratio
-    try:
-        config = json.loads(args.compress.read_text())
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"emloc build: --compress {args.compress}: cannot read a JSON object ({exc})")
+    config = read_json(args.compress)
     if not isinstance(config, dict):
-        raise SystemExit(f"emloc build: --compress {args.compress}: expected a JSON object {{regex: ratio}}")
+        raise UserError(f"--compress {args.compress}: expected a JSON object {{regex: ratio}}")
     return config
 
 
@@ -79,28 +73,21 @@ def summary(report: dict) -> str:
 def _planned(args, dtype) -> dict:
     """Arguments of the build from the memory plan within ``--budget`` (the ratio unless given)."""
     ratio = _compression(args) if args.ratio is not None or args.compress else None
-    try:
-        followed = plan_for_budget(args.model_dir, args.budget, TrainConfig(max_length=args.max_length), ratio,
-                                   args.samples, args.svd, dtype)
-    except (ValueError, FileNotFoundError) as exc:
-        raise BuildError(str(exc)) from None
+    followed = plan_for_budget(args.model_dir, args.budget, TrainConfig(max_length=args.max_length), ratio,
+                               args.samples, args.svd, dtype)
     print(followed.table())
     return followed.build_kwargs()
 
 
 def run(args) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    try:
-        build_args = {"compression": _compression(args), "max_samples": args.samples, "max_length": args.max_length,
-                      "batch_size": args.batch_size or 4, "svd": args.svd}
-        if args.budget is not None:
-            build_args = _planned(args, dtype)
-        out = build_emulator(args.model_dir, args.data, args.out, device=args.device, dtype=dtype,
-                             propagate=args.propagate, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
-                             **build_args)
-    except INPUT_ERRORS as exc:
-        print(f"emloc build: {exc}", file=sys.stderr)
-        return 2
+    build_args = {"compression": _compression(args), "max_samples": args.samples, "max_length": args.max_length,
+                  "batch_size": 4 if args.batch_size is None else args.batch_size, "svd": args.svd}
+    if args.budget is not None:
+        build_args = _planned(args, dtype)
+    out = build_emulator(args.model_dir, args.data, args.out, device=args.device, dtype=dtype,
+                         propagate=args.propagate, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
+                         **build_args)
     print(summary(json.loads((out / REPORT).read_text())))
     print(f"emulator written to {out} (report: {out / REPORT})")
     return 0

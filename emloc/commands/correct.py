@@ -22,11 +22,10 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..correction import correct_lora
+    from ..locking import output_lock
 
-    try:
+    with output_lock(args.out):  # taken first: a second correction into --out fails before computing
         adapter = correct_lora(args.model, args.emulator, args.adapter, None if args.no_clamp else args.clamp,
                                device=args.device)
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"emloc correct: {exc}") from None
-    print(f"corrected {len(adapter.weights)} layers -> {adapter.save(args.out)}")
+        print(f"corrected {len(adapter.weights)} layers -> {adapter.save(args.out)}")
     return 0

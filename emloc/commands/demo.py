@@ -7,6 +7,8 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from . import positive_int
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -16,9 +18,10 @@ def add_parser(subparsers) -> None:
                     "the emulator's LoRA without and with correction (emloc run), and a smaller model with LoRA. "
                     "Writes table.md, runs.json and accuracy.png to --out.")
     parser.add_argument("--out", type=Path, default=Path("emloc-demo"), help="output directory (default emloc-demo)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per row (default 3)")
-    parser.add_argument("--steps", type=int, default=None, help="LoRA steps per fine-tuning run (default 300)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds per row (default 3)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="LoRA steps per fine-tuning run (default 300)")
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="CPU threads (default 1: the layers are too small to gain from more)")
     parser.set_defaults(func=run)
 
@@ -30,19 +33,15 @@ def run(args: argparse.Namespace) -> int:
     # Without a GPU the kernels' torch reference is the fast path; the Triton interpreter exists for the tests.
     if not torch.cuda.is_available():
         os.environ.setdefault("EMLOC_BACKEND", "torch")
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 
     from ..demo.compare import Settings, compare
     from ..demo.report import format_table, plot, summarize
 
-    if args.seeds < 1:
-        raise SystemExit("emloc demo: --seeds must be at least 1")
     settings = Settings(seeds=tuple(range(args.seeds)))
     if args.steps is not None:
-        if args.steps < 1:
-            raise SystemExit("emloc demo: --steps must be at least 1")
         settings = Settings(seeds=settings.seeds, steps=args.steps)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = compare(settings, args.out / "work")

@@ -19,9 +19,6 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..export import export
 
-    try:
-        out = export(args.adapter, args.model, args.out, merge=args.merge)
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"emloc export: {exc}") from None
+    out = export(args.adapter, args.model, args.out, merge=args.merge)
     print(f"adapter -> {out / 'adapter'}" + (f"\nmerged  -> {out / 'merged'}" if args.merge else ""))
     return 0

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..memory import plan, reference_configs
+from . import positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -16,10 +17,10 @@ def add_parser(subparsers) -> None:
                     f"ratio that fits. Shipped configs: {', '.join(reference_configs())}.")
     parser.add_argument("model", help="model directory, config.json, or the name of a shipped config")
     parser.add_argument("--budget", default="24GiB", help="device memory per stage (24GiB, 20GB, ...; default 24GiB)")
-    parser.add_argument("--seq-len", type=int, default=2048, help="training sequence length (default 2048)")
-    parser.add_argument("--batch", type=int, default=1, help="training micro-batch (default 1)")
-    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank on every decoder linear (default 8)")
-    parser.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
+    parser.add_argument("--seq-len", type=positive_int, default=2048, help="training sequence length (default 2048)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="training micro-batch (default 1)")
+    parser.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank on every decoder linear (default 8)")
+    parser.add_argument("--samples", type=positive_int, default=64, help="calibration samples (default 64)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--ratio", type=float, help="plan this compression ratio instead of searching")
     target.add_argument("--emulator-params", help="plan the smallest ratio giving this many parameters (e.g. 5B)")
@@ -35,12 +36,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = plan(args.model, args.budget, args.seq_len, args.batch, args.lora_r, args.samples, ratio=args.ratio,
-                      emulator_params=args.emulator_params, vision=args.vision, method=args.method,
-                      embeddings_on_device=args.embeddings_on_device)
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"emloc plan: {exc}") from None
+    result = plan(args.model, args.budget, args.seq_len, args.batch, args.lora_r, args.samples, ratio=args.ratio,
+                  emulator_params=args.emulator_params, vision=args.vision, method=args.method,
+                  embeddings_on_device=args.embeddings_on_device)
     checked = None
     if args.dry_run:
         from ..memory.dry_run import verify

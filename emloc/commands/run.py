@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import positive_int
 from .train import DTYPES, add_training_arguments, train_config
 
 
@@ -18,11 +19,13 @@ def add_parser(subparsers) -> None:
                         help="compression ratio of the emulator (default 0.4; with --budget the largest that fits)")
     parser.add_argument("--budget", default=None, metavar="SIZE",
                         help="device memory to fit (24GiB, 20GB, ...): build and training follow the memory plan")
-    parser.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
+    parser.add_argument("--samples", type=positive_int, default=64, help="calibration samples (default 64)")
     parser.add_argument("--svd", choices=("exact", "randomized"), default="exact")
     parser.add_argument("--clamp", type=float, default=3.0, help="correction clamp (default 3.0; 0: off)")
     parser.add_argument("--merge", action="store_true", help="also write the merged checkpoint")
     parser.add_argument("--no-eval", action="store_true", help="skip evaluating the original model")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an --out that holds a run with other settings")
     add_training_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -31,12 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import format_summary
     from ..pipeline import run as run_pipeline
 
-    try:
-        summary = run_pipeline(args.model, args.data, args.out, args.ratio, train_config=train_config(args, None),
-                               clamp=args.clamp or None, merge=args.merge, device=args.device,
-                               dtype=DTYPES.get(args.dtype), max_samples=args.samples, svd=args.svd,
-                               evaluate_original=not args.no_eval, budget=args.budget)
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"emloc run: {exc}") from None
+    summary = run_pipeline(args.model, args.data, args.out, args.ratio, train_config=train_config(args, None),
+                           clamp=args.clamp or None, merge=args.merge, device=args.device,
+                           dtype=DTYPES.get(args.dtype), max_samples=args.samples, svd=args.svd,
+                           evaluate_original=not args.no_eval, budget=args.budget, overwrite=args.overwrite)
     print(format_summary(summary))
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -9,7 +10,10 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+from ..streaming import read_json
 from ..training import TrainConfig
+from . import natural_int, positive_int
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -18,25 +22,29 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """The training options shared by ``emloc train`` and ``emloc run`` (defaults from :class:`TrainConfig`)."""
     d = TrainConfig()
     group = parser.add_argument_group("training")
-    group.add_argument("--steps", type=int, default=d.max_steps, help="optimizer steps (default %(default)s)")
-    group.add_argument("--batch", type=int, default=d.micro_batch_size, help="micro-batch (default %(default)s)")
-    group.add_argument("--accum", type=int, default=d.grad_accum, help="gradient accumulation (default %(default)s)")
+    group.add_argument("--steps", type=positive_int, default=d.max_steps, help="optimizer steps (default %(default)s)")
+    group.add_argument("--batch", type=positive_int, default=d.micro_batch_size,
+                       help="micro-batch (default %(default)s)")
+    group.add_argument("--accum", type=positive_int, default=d.grad_accum,
+                       help="gradient accumulation (default %(default)s)")
     group.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate (default %(default)s)")
     group.add_argument("--warmup", type=float, default=d.warmup_ratio, help="warm-up fraction (default %(default)s)")
     group.add_argument("--weight-decay", type=float, default=d.weight_decay)
     group.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clipping (0: off)")
-    group.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default %(default)s)")
+    group.add_argument("--lora-r", type=positive_int, default=d.lora_r, help="LoRA rank (default %(default)s)")
     group.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     group.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
     group.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r)")
     group.add_argument("--target", default=None,
                        help="regular expression over module names (default: every linear but the LM head)")
-    group.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (default %(default)s)")
-    group.add_argument("--lm-head-chunk", type=int, default=d.lm_head_chunk, help="tokens per LM-head chunk")
+    group.add_argument("--max-length", type=positive_int, default=d.max_length,
+                       help="tokens per example (default %(default)s)")
+    group.add_argument("--lm-head-chunk", type=positive_int, default=d.lm_head_chunk, help="tokens per LM-head chunk")
     group.add_argument("--no-checkpointing", action="store_true", help="keep activations (no gradient checkpointing)")
     group.add_argument("--eval-fraction", type=float, default=d.eval_fraction, help="held-out share of the data")
-    group.add_argument("--eval-steps", type=int, default=d.eval_steps, help="evaluate every N steps (0: at the end)")
-    group.add_argument("--save-steps", type=int, default=d.save_steps, help="checkpoint every N steps")
+    group.add_argument("--eval-steps", type=natural_int, default=d.eval_steps,
+                       help="evaluate every N steps (0: at the end)")
+    group.add_argument("--save-steps", type=positive_int, default=d.save_steps, help="checkpoint every N steps")
     group.add_argument("--seed", type=int, default=d.seed)
     group.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="base weight dtype (default: stored)")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -85,11 +93,11 @@ def _emulator_ratio(emulator_dir: str) -> float:
     """The single compression ratio an emulator directory was built with (its config's ``emloc`` section)."""
     path = Path(emulator_dir) / "config.json"
     try:
-        compression = json.loads(path.read_text())["emloc"]["compression"]
-    except (OSError, ValueError, KeyError):
-        raise ValueError(f"{emulator_dir}: not an emloc emulator directory ({path} without an 'emloc' section)")
+        compression = read_json(path)["emloc"]["compression"]
+    except (UserError, KeyError, TypeError):
+        raise UserError(f"{emulator_dir}: not an emloc emulator directory ({path} without an 'emloc' section)") from None
     if list(compression) != [".*"]:
-        raise ValueError(f"{emulator_dir}: built with per-module ratios {compression}; --budget plans one ratio")
+        raise UserError(f"{emulator_dir}: built with per-module ratios {compression}; --budget plans one ratio")
     return compression[".*"]
 
 
@@ -97,22 +105,22 @@ def run(args: argparse.Namespace) -> int:
     import transformers
 
     from ..emulator import load_emulator
+    from ..locking import output_lock
     from ..pipeline import plan_for_budget
     from ..training import train
 
     device = _init_distributed() or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        config = train_config(args, args.out)
-        if args.budget is not None:
-            followed = plan_for_budget(args.emulator, args.budget, config, _emulator_ratio(args.emulator),
-                                       dtype=DTYPES.get(args.dtype))
-            print(followed.table())
-            config = dataclasses.replace(config, **followed.train_kwargs())
+    config = train_config(args, args.out)
+    if args.budget is not None:
+        followed = plan_for_budget(args.emulator, args.budget, config, _emulator_ratio(args.emulator),
+                                   dtype=DTYPES.get(args.dtype))
+        print(followed.table())
+        config = dataclasses.replace(config, **followed.train_kwargs())
+    # rank 0 writes --out: it takes the lock before the emulator loads, so a second run fails at once
+    with output_lock(args.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.emulator)
         model = load_emulator(args.emulator, device=device, dtype=DTYPES.get(args.dtype))
         result = train(model, args.data, config, tokenizer=tokenizer)
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"emloc train: {exc}") from None
     if result.adapter_dir is not None:
         print(json.dumps({"steps": result.steps, "first_loss": result.losses[0], "last_loss": result.losses[-1],
                           **result.eval, "adapter": str(result.adapter_dir)}, indent=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, replace
 
+from ..errors import UserError
 from . import estimate
 from .estimate import STAGES, TERMS, Settings, StageMemory
 from .spec import ModelSpec, load_model_config, model_spec
@@ -23,11 +24,11 @@ def parse_bytes(value: str | int | float, what: str = "budget") -> int:
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
         if not match or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"{what}: cannot read {value!r} as a size (examples: 24GiB, 20GB, 16G, 17179869184)")
+            raise UserError(f"{what}: cannot read {value!r} as a size (examples: 24GiB, 20GB, 16G, 17179869184)")
         number, unit = float(match.group(1)), match.group(2).lower()
     size = int(number * _UNITS[unit])
     if size <= 0:
-        raise ValueError(f"{what}: must be positive, got {value!r}")
+        raise UserError(f"{what}: must be positive, got {value!r}")
     return size
 
 
@@ -38,11 +39,11 @@ def parse_count(value: str | int, what: str = "emulator_params") -> int:
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kKmMbB]?)\s*", str(value))
         if not match:
-            raise ValueError(f"{what}: cannot read {value!r} as a parameter count (examples: 5B, 500M, 5000000000)")
+            raise UserError(f"{what}: cannot read {value!r} as a parameter count (examples: 5B, 500M, 5000000000)")
         number, unit = float(match.group(1)), match.group(2).upper()
     count = int(number * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9}[unit])
     if count <= 0:
-        raise ValueError(f"{what}: must be positive, got {value!r}")
+        raise UserError(f"{what}: must be positive, got {value!r}")
     return count
 
 
@@ -205,7 +206,7 @@ def _ratio_for_params(spec: ModelSpec, s: Settings, target: int) -> float:
     """Smallest ratio on a 0.001 grid whose emulator has at least ``target`` parameters."""
     lo, hi = 0, round(1 / _RATIO_STEP)
     if estimate.emulator_params(spec, replace(s, ratio=1.0)) < target:
-        raise ValueError(f"emulator_params: {target / 1e9:.2f}B is more than the emulator can have "
+        raise UserError(f"emulator_params: {target / 1e9:.2f}B is more than the emulator can have "
                          f"({estimate.emulator_params(spec, replace(s, ratio=1.0)) / 1e9:.2f}B at ratio 1)")
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -240,15 +241,15 @@ def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch:
     """
     for name, value in (("seq_len", seq_len), ("batch", batch), ("lora_r", lora_r), ("samples", samples)):
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"plan: {name} must be a positive integer, got {value!r}")
+            raise UserError(f"plan: {name} must be a positive integer, got {value!r}")
     if vision not in ("compress", "dense"):
-        raise ValueError(f"plan: vision must be 'compress' or 'dense', got {vision!r}")
+        raise UserError(f"plan: vision must be 'compress' or 'dense', got {vision!r}")
     if method not in ("exact", "randomized"):
-        raise ValueError(f"plan: method must be 'exact' or 'randomized', got {method!r}")
+        raise UserError(f"plan: method must be 'exact' or 'randomized', got {method!r}")
     if ratio is not None and not 0 < ratio <= 1:
-        raise ValueError(f"plan: ratio must be in (0, 1], got {ratio!r}")
+        raise UserError(f"plan: ratio must be in (0, 1], got {ratio!r}")
     if ratio is not None and emulator_params is not None:
-        raise ValueError("plan: give ratio or emulator_params, not both")
+        raise UserError("plan: give ratio or emulator_params, not both")
     config, name = load_model_config(config_or_dir)
     spec = model_spec(config, name)
     budget_bytes = parse_bytes(budget)

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UserError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -104,12 +106,12 @@ class ModelSpec:
 def _decoder_stack(cfg: dict, where: str) -> BlockStack:
     model_type = cfg.get("model_type")
     if model_type not in _DECODERS:
-        raise ValueError(f"{where}: unsupported language model type {model_type!r}; supported: {', '.join(_DECODERS)}")
+        raise UserError(f"{where}: unsupported language model type {model_type!r}; supported: {', '.join(_DECODERS)}")
     try:
         h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
         heads = cfg["num_attention_heads"]
     except KeyError as exc:
-        raise ValueError(f"{where}: config lacks {exc.args[0]!r}") from None
+        raise UserError(f"{where}: config lacks {exc.args[0]!r}") from None
     kv = cfg.get("num_key_value_heads") or heads
     d = cfg.get("head_dim") or h // heads
     qkv_bias = model_type == "qwen2" or bool(cfg.get("attention_bias", False))
@@ -131,7 +133,7 @@ def _decoder_stack(cfg: dict, where: str) -> BlockStack:
 
 def _vision_tower(cfg: dict, llm_hidden: int, top: dict, where: str) -> VisionTower:
     if cfg.get("model_type") not in _VISION:
-        raise ValueError(f"{where}: unsupported vision tower {cfg.get('model_type')!r}; supported: {', '.join(_VISION)}")
+        raise UserError(f"{where}: unsupported vision tower {cfg.get('model_type')!r}; supported: {', '.join(_VISION)}")
     hv, inter, layers, heads = (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
                                 cfg["num_attention_heads"])
     qkv_bias, qk_norm = bool(cfg.get("qkv_bias", False)), bool(cfg.get("qk_normalization", False))
@@ -197,6 +199,6 @@ def load_model_config(config_or_dir) -> tuple[dict, str]:
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
     name = path.parent.name if path.name == "config.json" else path.stem
     return config, name
