@@ -17,8 +17,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from build_workload import (FLAGSHIP_PROPORTIONS, Workload, emulator_factors, error_ratios, product_error,
-                            require_compiled_backend, run_baseline, run_ours, set_threads)
+from build_workload import (
+    FLAGSHIP_PROPORTIONS,
+    Workload,
+    emulator_factors,
+    error_ratios,
+    product_error,
+    require_compiled_backend,
+    run_baseline,
+    run_ours,
+    set_threads,
+)
 
 TARGETS = {"exact": 3.0, "randomized": 6.0}
 

@@ -26,14 +26,19 @@ BENCHMARKS = Path(__file__).resolve().parent
 sys.path.append(str(BENCHMARKS.parent / "tests"))  # after benchmarks/: its conftest is the one imported
 
 import kernel_cost  # noqa: E402
+from emloc_kernels import covariance_update, emulator_linear, scaled_matmul  # noqa: E402
+from emloc_kernels.backend import use_triton  # noqa: E402
 from shapes import (  # noqa: E402
-    CALIBRATION_TOKENS, COVARIANCE_WIDTHS, LINEARS, LORA_ALPHA, LORA_RANK, TRAINING_TOKENS, emulator_rank,
+    CALIBRATION_TOKENS,
+    COVARIANCE_WIDTHS,
+    LINEARS,
+    LORA_ALPHA,
+    LORA_RANK,
+    TRAINING_TOKENS,
+    emulator_rank,
 )
 from test_kernels import PADDING, forward_backward, naive_covariance, naive_emulator  # noqa: E402
 from utils import REL_TOL, rel_error  # noqa: E402
-
-from emloc_kernels import covariance_update, emulator_linear, scaled_matmul  # noqa: E402
-from emloc_kernels.backend import use_triton  # noqa: E402
 
 DEVICE, DTYPE = "cuda", torch.bfloat16
 MODELS = ("7B", "32B")

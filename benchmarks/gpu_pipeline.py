@@ -111,10 +111,11 @@ def describe(config: dict, followed, steps: int) -> str:
 
 def run_model(key: str, work: Path, quick: bool) -> dict:
     """Checkpoint, plan, and the four stages of one model; the emulator and outputs are removed afterwards."""
+    from transformers import AutoTokenizer
+
     from emloc import build_emulator, correct_lora, export, load_emulator, train
     from emloc.pipeline import plan_for_budget, plan_record
     from emloc.training import TrainConfig
-    from transformers import AutoTokenizer
 
     model, blocks, steps = MODELS[key], QUICK_BLOCKS if quick else BLOCKS, QUICK_STEPS if quick else STEPS
     directory = work / key

@@ -13,7 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shapes import (
-    CALIBRATION_SAMPLES, CALIBRATION_TOKENS, LINEARS, LORA_RANK, MODELS, RATIO, SEQUENCE, TRAINING_TOKENS,
+    CALIBRATION_SAMPLES,
+    CALIBRATION_TOKENS,
+    LINEARS,
+    LORA_RANK,
+    MODELS,
+    RATIO,
+    SEQUENCE,
+    TRAINING_TOKENS,
     emulator_rank,
 )
 
@@ -28,10 +35,10 @@ class Cost:
     bytes: float
     flops: float
 
-    def __add__(self, other: "Cost") -> "Cost":
+    def __add__(self, other: Cost) -> Cost:
         return Cost(self.bytes + other.bytes, self.flops + other.flops)
 
-    def __mul__(self, times: float) -> "Cost":
+    def __mul__(self, times: float) -> Cost:
         return Cost(self.bytes * times, self.flops * times)
 
 

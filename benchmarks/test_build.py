@@ -14,8 +14,16 @@ from __future__ import annotations
 
 import pytest
 
-from build_workload import (FLAGSHIP_PROPORTIONS, emulator_factors, error_ratios, product_error,
-                            require_compiled_backend, run_baseline, run_ours, set_threads)
+from build_workload import (
+    FLAGSHIP_PROPORTIONS,
+    emulator_factors,
+    error_ratios,
+    product_error,
+    require_compiled_backend,
+    run_baseline,
+    run_ours,
+    set_threads,
+)
 
 WORKLOAD = FLAGSHIP_PROPORTIONS
 ROUNDS = 3

@@ -14,13 +14,28 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from baseline_build import whitened_factors
 from conftest import DEVICE, DTYPE, scaled
-from shapes import (CALIBRATION_TOKENS, COVARIANCE_WIDTHS, LINEARS, LM_HEAD_CHUNK, LM_HEADS, LORA_ALPHA, LORA_RANK,
-                    TRAINING_TOKENS, emulator_rank)
-
-from emloc_kernels import (covariance_update, emulator_linear, lm_head_cross_entropy, projected_lowrank,
-                           whitened_lowrank, whitening)
+from emloc_kernels import (
+    covariance_update,
+    emulator_linear,
+    lm_head_cross_entropy,
+    projected_lowrank,
+    whitened_lowrank,
+    whitening,
+)
+from shapes import (
+    CALIBRATION_TOKENS,
+    COVARIANCE_WIDTHS,
+    LINEARS,
+    LM_HEAD_CHUNK,
+    LM_HEADS,
+    LORA_ALPHA,
+    LORA_RANK,
+    TRAINING_TOKENS,
+    emulator_rank,
+)
 
 FACTOR_LAYERS = ("7B q", "7B up", "7B down", "32B k", "32B down")
 PADDING = 0.1  # fraction of calibration tokens that are padding

@@ -24,9 +24,10 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Literal
 
 import torch
 import transformers
@@ -38,8 +39,8 @@ from emloc_kernels import Whitening, covariance_update, projected_lowrank, white
 
 from . import healing, hostmem, models
 from .calibration import CalibrationBatch, CalibrationError, load_texts, make_batches, tokenize_samples
-from .healing import HealConfig, heal_rank
 from .errors import EmlocWarning, UserError, check_int, check_ratio
+from .healing import HealConfig, heal_rank
 from .layers import EmulatorLinear
 from .locking import holds_output_lock
 from .streaming import CheckpointIndex, atomic_write, file_sha256, key_mapping, materialize, release

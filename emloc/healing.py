@@ -42,7 +42,7 @@ class HealConfig:
     """
 
     rank: int = 32
-    steps: int = 60
+    steps: int = 30
     batch_size: int = 8
     learning_rate: float = 1e-3
     warmup_ratio: float = 0.05

@@ -38,7 +38,7 @@ class EmulatorLinear(nn.Module):
         self.lora_dropout = 0.0
 
     @classmethod
-    def from_factors(cls, u: Tensor, v: Tensor, bias: Tensor | None = None) -> "EmulatorLinear":
+    def from_factors(cls, u: Tensor, v: Tensor, bias: Tensor | None = None) -> EmulatorLinear:
         """Wrap existing factors ``u (m, r)``, ``v (r, n)`` (and bias) without copying them."""
         layer = cls(v.shape[1], u.shape[0], v.shape[0], bias=bias is not None, device="meta", dtype=u.dtype)
         layer.u = nn.Parameter(u.detach(), requires_grad=False)

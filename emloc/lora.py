@@ -46,7 +46,7 @@ class LoraLinear(nn.Linear):
     """
 
     @classmethod
-    def wrap(cls, linear: nn.Linear) -> "LoraLinear":
+    def wrap(cls, linear: nn.Linear) -> LoraLinear:
         """A LoraLinear holding ``linear``'s own weight and bias (no copy, nothing trains yet)."""
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         layer.weight, layer.bias = linear.weight, linear.bias
@@ -187,7 +187,7 @@ class LoraAdapter:
 
     @classmethod
     def from_model(cls, model: nn.Module, alpha: float | None = None, rslora: bool = False,
-                   base_model: str | None = None) -> "LoraAdapter":
+                   base_model: str | None = None) -> LoraAdapter:
         """Copy the LoRA weights of ``model`` as fp32 CPU tensors.
 
         Every LoRA module must share one rank and scaling. ``alpha`` and ``rslora`` name how that scaling was
@@ -237,7 +237,7 @@ class LoraAdapter:
         return atomic_directory(directory, write, holds=ADAPTER_CONFIG)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "LoraAdapter":
+    def load(cls, directory: str | os.PathLike) -> LoraAdapter:
         """Read an adapter saved by :meth:`save` (or by PEFT, for a plain LoRA without biases). Raises
         :class:`~emloc.errors.UserError` naming the file for anything missing, truncated or non-finite."""
         directory = Path(directory)

@@ -12,8 +12,8 @@ are exactly those the model computes for that block.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import transformers

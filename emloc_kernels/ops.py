@@ -13,7 +13,6 @@ from torch import Tensor
 from . import reference
 from .backend import use_triton
 
-
 # --- covariance ---------------------------------------------------------------------------------------
 
 

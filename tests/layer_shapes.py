@@ -14,7 +14,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from shapes import (  # noqa: E402
-    CALIBRATION_TOKENS, COVARIANCE_WIDTHS, LINEARS, LORA_RANK, TRAINING_TOKENS, emulator_rank,
+    CALIBRATION_TOKENS,
+    COVARIANCE_WIDTHS,
+    LINEARS,
+    LORA_RANK,
+    TRAINING_TOKENS,
+    emulator_rank,
 )
 
 MODELS = ("7B", "32B")

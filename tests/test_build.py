@@ -9,14 +9,13 @@ import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import emloc
+from checkpoints import ARCHITECTURES, make_chat_data, make_checkpoint, make_config, make_text_data
 from emloc import models
 from emloc.calibration import CalibrationError, load_texts, make_batches, tokenize_samples
 from emloc.cli import main
-from emloc.emulator import (BlockInput, BuildError, calibrate_block, compress_block, plan_compression)
+from emloc.emulator import BlockInput, BuildError, calibrate_block, compress_block, plan_compression
 from emloc.streaming import CheckpointError
 from emloc_kernels import covariance_update
-
-from checkpoints import ARCHITECTURES, make_chat_data, make_checkpoint, make_config, make_text_data
 from utils import assert_close
 
 pytestmark = pytest.mark.usefixtures("torch_backend")

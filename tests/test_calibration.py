@@ -5,9 +5,8 @@ import pytest
 import torch
 import transformers
 
-from emloc.calibration import CalibrationError, load_texts, make_batches, tokenize_samples
-
 from checkpoints import make_chat_data, make_text_data, make_tokenizer
+from emloc.calibration import CalibrationError, load_texts, make_batches, tokenize_samples
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from layer_shapes import covariance_cases
-from utils import DEVICE, FLOAT_DTYPES, REL_TOL, assert_close, non_contiguous
 
 from emloc_kernels import covariance_update, reference
 from emloc_kernels.backend import use_triton
 from emloc_kernels.triton.covariance import _tile_pair
+from layer_shapes import covariance_cases
+from utils import DEVICE, FLOAT_DTYPES, REL_TOL, assert_close, non_contiguous
 
 TORCH_UPDATE = reference.covariance_update  # kept before the autouse fixture makes it unreachable
 

@@ -18,7 +18,6 @@ from emloc.export import export, export_adapter, merge_adapter
 from emloc.lora import LoraAdapter, add_lora, lora_modules
 from utils import assert_close
 
-
 pytestmark = pytest.mark.usefixtures("torch_backend")
 
 

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 import emloc
+from checkpoints import make_chat_data, make_checkpoint
 from emloc import emulator as build_module
 from emloc.emulator import BuildError, build_emulator, load_emulator
 from emloc.healing import HealConfig, heal_rank, lm_head_kl_divergence, merge_heal
-
-from checkpoints import make_chat_data, make_checkpoint
 from utils import assert_close, non_contiguous
 
 pytestmark = pytest.mark.usefixtures("torch_backend")

@@ -15,8 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from emloc import emulator, lora, training
 from emloc.cli import main
 from emloc.layers import EmulatorLinear
-from emloc.memory import LiveBytesTracker, Settings, parse_bytes, plan, reference_configs
-from emloc.memory import dry_run, estimate
+from emloc.memory import LiveBytesTracker, Settings, dry_run, estimate, parse_bytes, plan, reference_configs
 from emloc.memory.spec import CONFIG_DIR, model_spec
 
 GiB = 1 << 30

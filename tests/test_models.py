@@ -5,11 +5,10 @@ import pytest
 import torch
 import transformers
 
+from checkpoints import ARCHITECTURES, make_checkpoint
 from emloc import models
 from emloc.calibration import make_batches
 from emloc.emulator import blockwise_logits
-
-from checkpoints import ARCHITECTURES, make_checkpoint
 from utils import assert_close
 
 

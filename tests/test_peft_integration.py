@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint
-from emloc import EmulatorLinear
-from emloc import peft_integration
+from emloc import EmulatorLinear, peft_integration
 from emloc.lora import LoraAdapter, add_lora, lora_modules
 from emloc.peft_integration import EmulatorLoraLayer, register_emulator_lora
 from emulators import emulate_in_memory, load_tiny

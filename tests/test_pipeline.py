@@ -35,7 +35,7 @@ def test_run_resumes_after_an_interruption_and_summarises(inputs, tmp_path, monk
     model, data = inputs
     out = tmp_path / "run"
     argv = ["run", str(model), "--data", str(data), "--out", str(out), "--ratio", "0.5", "--merge",
-            "--eval-fraction", "0.25", *TRAIN]
+            "--correction", "paper", "--eval-fraction", "0.25", *TRAIN]
     correct = pipeline.correct_lora
 
     def broken(*args, **kwargs):
@@ -175,7 +175,8 @@ def test_budget_run_follows_the_plan_and_its_training_peak(budget_inputs, tmp_pa
     # the settings the code actually ran with are the plan's (and not the defaults: 4 samples, 1024 tokens)
     assert settings["calibration_micro_batch"] != 4 and settings["lm_head_chunk"] < 2 * 128
     assert used["calibration_batches"] == [settings["calibration_micro_batch"]] * (4 // settings["calibration_micro_batch"])
-    assert used["chunks"] and all(chunk == (2 * 128, settings["lm_head_chunk"]) for chunk in used["chunks"])
+    # only target positions reach the LM head (text data: all but the last of each row); the plan counts all
+    assert used["chunks"] and all(chunk == (2 * 127, settings["lm_head_chunk"]) for chunk in used["chunks"])
     assert used["embedding_on_device"] == [False] == [settings["embeddings_on_device"]]
     # the second step (optimizer state exists, as in every later one) peaks where the plan says, within 10%
     training_peak = planned["device_peak_bytes"]["training"]

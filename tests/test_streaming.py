@@ -5,11 +5,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from emloc import models
-from emloc.streaming import (CheckpointError, CheckpointIndex, atomic_write, key_mapping, materialize, read_tensors,
-                             release)
-
 from checkpoints import make_checkpoint
+from emloc import models
+from emloc.streaming import (
+    CheckpointError,
+    CheckpointIndex,
+    atomic_write,
+    key_mapping,
+    materialize,
+    read_tensors,
+    release,
+)
 
 
 def _full_state(path):

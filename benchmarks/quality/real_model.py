@@ -6,7 +6,7 @@ Per task (:mod:`tasks`): zero-shot; LoRA on the original (the ceiling); and per 
 (:data:`VARIANTS`) one build, the emulator's fidelity on held-out task text before any task training (loss,
 KL from the original's next-token distribution), then per seed LoRA trained on the emulator, scored on the
 emulator, on the original uncorrected and with each correction. Every finished run is appended to
-``runs.jsonl`` at once, so an interrupted benchmark resumes where it stopped. Writes ``RESULTS.md`` (mean
+``runs.jsonl`` in ``--work`` at once, so an interrupted benchmark resumes where it stopped. Writes ``RESULTS.md`` (mean
 ± std over seeds, % of the ceiling's gain over zero-shot kept, peak memory of one training step, wall
 time), ``RESULTS.png`` and ``runs.json`` to ``--out``.
 """
@@ -40,16 +40,18 @@ from emloc.lora import LoraAdapter  # noqa: E402
 from emloc.training import TrainConfig, evaluate, train  # noqa: E402
 
 # Emulator variants at equal parameter count: the heal adapter's rank comes out of each linear's budget.
+# "paper" is the method as published (uniform ranks, no healing); "healed" is emloc's default build. The
+# others are the explorations docs/quality.md reports (run them with --variants).
 VARIANTS = {
     "paper": {"heal": None},
     "healed": {"heal": HealConfig(gradient_checkpointing=False)},
+    "healed-60": {"heal": HealConfig(steps=60, gradient_checkpointing=False)},
     "damped-0.01": {"damping": 0.01},
     "damped-0.1": {"damping": 0.1},
     "damped-1": {"damping": 1.0},
     "samples-256": {"max_samples": 256},
-    "healed-30": {"heal": HealConfig(steps=30, gradient_checkpointing=False)},
-    "healed-damped": {"heal": HealConfig(steps=30, gradient_checkpointing=False), "damping": 0.1},
 }
+DEFAULT_VARIANTS = ("paper", "healed")
 # How the emulator's adapter goes onto the original: as trained, or through the paper's correction.
 CORRECTIONS = {"uncorrected": None, "corrected": 3.0}
 MAX_LENGTH = 64
@@ -66,12 +68,13 @@ class Bench:
     """The shared state of one benchmark run: the original model, the data files, the run log."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args, self.out = args, args.out
+        self.args, self.out, self.work = args, args.out, args.work
         self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
         self.model_dir = smollm2.checkpoint()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_dir)
         self.original = transformers.AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        self.log = self.out / "runs.jsonl"
+        self.log = self.work / "runs.jsonl"
         self.done = {}
         if self.log.is_file():
             for line in self.log.read_text().splitlines():
@@ -87,8 +90,8 @@ class Bench:
 
     def files(self, task: str) -> tuple[Path, list[dict]]:
         train_rows, test_rows = make_splits(task, self.args.train_size, self.args.test_size)
-        data = write_jsonl(train_rows, self.out / "data" / f"{task}-train.jsonl")
-        test = write_jsonl(test_rows, self.out / "data" / f"{task}-test.jsonl")
+        data = write_jsonl(train_rows, self.work / "data" / f"{task}-train.jsonl")
+        test = write_jsonl(test_rows, self.work / "data" / f"{task}-test.jsonl")
         return data, load_examples(test, self.tokenizer, MAX_LENGTH)
 
     def train_config(self, seed: int, output_dir: Path) -> TrainConfig:
@@ -134,7 +137,7 @@ def step_peak(model, test, pad_id: int) -> int:
 def run_task(bench: Bench, task: str) -> None:
     args, pad_id = bench.args, bench.tokenizer.pad_token_id
     data, test = bench.files(task)
-    work = bench.out / "work" / task
+    work = bench.work / task
     if f"{task}/zero-shot" not in bench.done:
         bench.record(f"{task}/zero-shot", task=task, row="zero-shot", ratio=1.0, seed=0,
                      **bench.on_original(None, test), seconds=0.0)
@@ -272,14 +275,16 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.5, 0.25])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=40, help="LoRA steps of 8 examples")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--samples", type=int, default=64, help="calibration (and healing) samples")
     parser.add_argument("--train-size", type=int, default=400)
     parser.add_argument("--test-size", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=HERE / "smollm2")
+    parser.add_argument("--out", type=Path, default=HERE / "smollm2", help="results (RESULTS.md, .png, runs.json)")
+    parser.add_argument("--work", type=Path, default=smollm2.cache_root() / "quality-work",
+                        help="emulators, adapters and the run log (large; resumable)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("EMLOC_BACKEND", "torch")  # on the CPU the reference is the fast path

@@ -27,3 +27,24 @@ def positive_int(text: str) -> int:
 def natural_int(text: str) -> int:
     """argparse type: an integer of at least 0."""
     return _integer(text, 0)
+
+
+def add_heal_arguments(parser: argparse.ArgumentParser) -> None:
+    """The healing options shared by ``emloc build`` and ``emloc run`` (defaults from :class:`HealConfig`)."""
+    from ..healing import HealConfig
+
+    d = HealConfig()
+    group = parser.add_argument_group("healing (docs/design.md §1.7)")
+    group.add_argument("--heal-steps", type=natural_int, default=d.steps,
+                       help="distillation steps healing the emulator before training (default %(default)s; 0: off)")
+    group.add_argument("--heal-rank", type=positive_int, default=d.rank,
+                       help="heal adapter rank per compressed linear, taken from its rank budget (default %(default)s)")
+    group.add_argument("--damping", type=float, default=0.0,
+                       help="factor against C + damping tr(C)/n I (default 0: the activation-aware optimum)")
+
+
+def heal_config(args: argparse.Namespace):
+    """The :class:`HealConfig` the parsed healing options describe, or None with ``--heal-steps 0``."""
+    from ..healing import HealConfig
+
+    return HealConfig(rank=args.heal_rank, steps=args.heal_steps) if args.heal_steps else None

@@ -11,7 +11,7 @@ from ..errors import UserError
 from ..pipeline import DEFAULT_RATIO, plan_for_budget
 from ..streaming import read_json
 from ..training import TrainConfig
-from . import positive_int
+from . import add_heal_arguments, heal_config, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -48,6 +48,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--no-resume", dest="resume", action="store_false",
                         help="rebuild every block even if an interrupted build with the same settings exists")
     parser.add_argument("--overwrite", action="store_true", help="replace a directory built with other settings")
+    add_heal_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -87,7 +88,7 @@ def run(args) -> int:
         build_args = _planned(args, dtype)
     out = build_emulator(args.model_dir, args.data, args.out, device=args.device, dtype=dtype,
                          propagate=args.propagate, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
-                         **build_args)
+                         heal=heal_config(args), damping=args.damping, **build_args)
     print(summary(json.loads((out / REPORT).read_text())))
     print(f"emulator written to {out} (report: {out / REPORT})")
     return 0

