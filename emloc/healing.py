@@ -17,7 +17,7 @@ repair, and such a repair does not transfer back to the original. Healing takes 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 from . import models
 from .calibration import CalibrationBatch
 from .layers import EmulatorLinear
-from .training import compute_device, cosine_schedule, enable_checkpointing
+from .training import compute_device, cosine_schedule, enable_checkpointing, place_input_embedding
 
-__all__ = ["HealConfig", "heal", "heal_rank", "lm_head_kl_divergence", "merge_heal", "teacher_states"]
+__all__ = ["HealConfig", "heal", "heal_loss", "heal_rank", "lm_head_kl_divergence", "merge_heal", "teacher_states"]
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,15 @@ class HealConfig:
 
     ``rank`` is the heal adapter's rank per compressed linear (at most half of the linear's rank budget, see
     :func:`heal_rank`); ``steps`` optimizer steps of ``batch_size`` calibration samples each, AdamW at
-    ``learning_rate`` with a cosine schedule and ``warmup_ratio`` warm-up; ``lm_head_chunk`` tokens per
-    LM-head block (bounds the logits memory, as in training).
+    ``learning_rate`` with a cosine schedule and ``warmup_ratio`` warm-up, ``micro_batch_size`` samples per
+    forward and backward (bounds the activations); ``lm_head_chunk`` tokens per LM-head block (bounds the
+    logits memory, as in training). The untied input embedding stays on the host, as in training.
     """
 
     rank: int = 32
     steps: int = 30
     batch_size: int = 8
+    micro_batch_size: int = 1
     learning_rate: float = 1e-3
     warmup_ratio: float = 0.05
     max_grad_norm: float | None = 1.0
@@ -52,7 +54,7 @@ class HealConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("rank", "steps", "batch_size", "lm_head_chunk"):
+        for name in ("rank", "steps", "batch_size", "micro_batch_size", "lm_head_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"heal {name}: must be a positive integer, got {value!r}")
@@ -116,24 +118,43 @@ def teacher_states(model: nn.Module, batch: CalibrationBatch, last_block_output:
                                                  batch.attention_mask.to(device), last_block_output.to(device))
 
 
-def _student_states(model: nn.Module, batch: CalibrationBatch) -> Tensor:
+def heal_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, teacher: Tensor,
+              normalizer: Tensor | float, chunk: int = 1024) -> Tensor:
+    """The healing loss of one micro-batch: KL from the teacher states ``teacher (batch, tokens, hidden)`` to
+    the model's, summed over real tokens (padding left out; every token on a meta dry run) over ``normalizer``."""
     device = compute_device(model)
-    return model.get_decoder()(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                               use_cache=False).last_hidden_state
+    weight = model.get_output_embeddings().weight
+    embedding = model.get_input_embeddings()  # looked up where it lives (the host, unless tied to the head)
+    embeds = embedding(input_ids.to(embedding.weight.device)).to(device)
+    student = model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask.to(device),
+                                  use_cache=False).last_hidden_state.reshape(-1, weight.shape[1])
+    teacher = teacher.reshape(-1, weight.shape[1])
+    if device.type != "meta":
+        rows = attention_mask.reshape(-1).bool()
+        student, teacher = student[rows.to(device)], teacher[rows.to(teacher.device)]
+    return lm_head_kl_divergence(student, teacher.to(device), weight, normalizer, chunk,
+                                 getattr(model.config, "final_logit_softcapping", None))
 
 
-def _mean_kl(model, batches, teachers, chunk, softcap) -> float:
+def _mean_kl(model, batches, teachers, chunk) -> float:
     """Mean per-token KL over every real token of ``batches`` (no gradients)."""
     total, tokens = 0.0, 0
     with torch.no_grad():
-        for batch, teacher in zip(batches, teachers):
-            rows = batch.attention_mask.reshape(-1).bool()
-            weight = model.get_output_embeddings().weight
-            student = _student_states(model, batch).reshape(-1, weight.shape[1])[rows.to(weight.device)]
-            t = teacher.reshape(-1, weight.shape[1])[rows].to(weight.device)
-            total += float(lm_head_kl_divergence(student, t, weight, 1.0, chunk, softcap))
-            tokens += int(rows.sum())
+        for batch, teacher in zip(batches, teachers, strict=True):
+            total += float(heal_loss(model, batch.input_ids, batch.attention_mask, teacher, 1.0, chunk))
+            tokens += int(batch.attention_mask.sum())
     return total / max(tokens, 1)
+
+
+def _split(batches: list[CalibrationBatch], teachers: list[Tensor], size: int):
+    """The calibration batches and their teacher states cut into micro-batches of at most ``size`` samples."""
+    out_batches, out_teachers = [], []
+    for batch, teacher in zip(batches, teachers, strict=True):
+        for start in range(0, len(batch.input_ids), size):
+            part = slice(start, start + size)
+            out_batches.append(replace(batch, input_ids=batch.input_ids[part], attention_mask=batch.attention_mask[part]))
+            out_teachers.append(teacher[part])
+    return out_batches, out_teachers
 
 
 def heal(model: nn.Module, batches: list[CalibrationBatch], teachers: list[Tensor], ranks: dict[str, int],
@@ -146,18 +167,10 @@ def heal(model: nn.Module, batches: list[CalibrationBatch], teachers: list[Tenso
     step losses). The model is left without LoRA."""
     torch.manual_seed(config.seed)
     layers = {name: model.get_submodule(name) for name in ranks}
-    for name, layer in layers.items():
-        if not isinstance(layer, EmulatorLinear):
-            raise TypeError(f"heal: {name} is a {type(layer).__name__}, not an EmulatorLinear")
-        layer.add_lora(ranks[name], alpha=ranks[name], dtype=torch.float32)  # scaling 1
-    parameters = [p for layer in layers.values() for p in (layer.lora_a, layer.lora_b)]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in parameters:
-        p.requires_grad_(True)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    weight = model.get_output_embeddings().weight
-    kl_before = _mean_kl(model, batches, teachers, config.lm_head_chunk, softcap)
+    parameters = add_heal_adapter(model, ranks)
+    place_input_embedding(model, on_device=False)
+    batches, teachers = _split(batches, teachers, config.micro_batch_size)
+    kl_before = _mean_kl(model, batches, teachers, config.lm_head_chunk)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
@@ -174,10 +187,8 @@ def heal(model: nn.Module, batches: list[CalibrationBatch], teachers: list[Tenso
         tokens = sum(int(batches[i].attention_mask.sum()) for i in chosen)
         total = 0.0
         for i in chosen:
-            rows = batches[i].attention_mask.reshape(-1).bool()
-            student = _student_states(model, batches[i]).reshape(-1, weight.shape[1])[rows.to(weight.device)]
-            teacher = teachers[i].reshape(-1, weight.shape[1])[rows].to(weight.device)
-            loss = lm_head_kl_divergence(student, teacher, weight, tokens, config.lm_head_chunk, softcap)
+            loss = heal_loss(model, batches[i].input_ids, batches[i].attention_mask, teachers[i], tokens,
+                             config.lm_head_chunk)
             loss.backward()
             total += float(loss.detach())
         if config.max_grad_norm is not None:
@@ -187,12 +198,26 @@ def heal(model: nn.Module, batches: list[CalibrationBatch], teachers: list[Tenso
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
     model.eval()
-    kl_after = _mean_kl(model, batches, teachers, config.lm_head_chunk, softcap)
+    kl_after = _mean_kl(model, batches, teachers, config.lm_head_chunk)
     adapter = {}
     for name, layer in layers.items():
         adapter[name] = (layer.lora_a.detach().float().cpu(), (layer.lora_scaling * layer.lora_b.detach()).float().cpu())
         layer.lora_a = layer.lora_b = None
     return adapter, {"kl_before": kl_before, "kl_after": kl_after, "losses": losses}
+
+
+def add_heal_adapter(model: nn.Module, ranks: dict[str, int]) -> list[nn.Parameter]:
+    """Freeze ``model`` and attach a trainable heal adapter of ``ranks[name]`` (scaling 1, fp32) to each named
+    :class:`EmulatorLinear`; returns its parameters."""
+    model.requires_grad_(False)
+    parameters = []
+    for name, rank in ranks.items():
+        layer = model.get_submodule(name)
+        if not isinstance(layer, EmulatorLinear):
+            raise TypeError(f"heal: {name} is a {type(layer).__name__}, not an EmulatorLinear")
+        layer.add_lora(rank, alpha=rank, dtype=torch.float32)
+        parameters += [layer.lora_a, layer.lora_b]
+    return parameters
 
 
 def merge_heal(u: Tensor, v: Tensor, a: Tensor, sb: Tensor) -> tuple[Tensor, Tensor]:

@@ -19,9 +19,10 @@ import torch
 import transformers
 from torch import nn
 
-from .. import emulator, lora, training
+from .. import emulator, healing, lora, training
 from ..correction import correct_layer
 from ..export import merge_lora
+from ..layers import EmulatorLinear
 from . import estimate
 from .spec import model_spec
 from .tracker import LiveBytesTracker
@@ -129,6 +130,41 @@ def measure_training(config: dict, ratio: float, seq_len: int, batch: int, lora_
     return tracker.peak
 
 
+def measure_healing(config: dict, ratio: float, seq_len: int, heal_rank: int, lm_head_chunk: int,
+                    extra_weight_bytes: int = 0, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Peak device bytes of one healing step (second step: optimizer state exists) on one sample, through
+    :func:`emloc.healing.heal_loss` with the heal adapter of :func:`emloc.healing.add_heal_adapter`;
+    ``extra_weight_bytes`` as in :func:`measure_training`."""
+    model = _meta_model(_language_config(config), dtype)
+    _emulate(model, ratio)
+    ranks = {name: healing.heal_rank(healing.HealConfig(rank=heal_rank), module.rank)
+             for name, module in model.named_modules() if isinstance(module, EmulatorLinear)}
+    parameters = healing.add_heal_adapter(model, {name: rank for name, rank in ranks.items() if rank})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW(parameters)
+    for p in parameters:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    host = training.host_embedding(model, on_device=False)  # healing keeps it on the host, as training does
+    resident = [t for t in [*model.parameters(), *model.buffers()] if host is None or t is not host.weight]
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    with LiveBytesTracker("meta") as tracker:
+        tracker.adopt([*resident, *state])
+        tracker.live += extra_weight_bytes
+        tokens = _tokens(estimate.HEAL_MICRO_BATCH, seq_len)
+        teacher = torch.empty(estimate.HEAL_MICRO_BATCH, seq_len, model.config.hidden_size, dtype=dtype, device="meta")
+        loss = healing.heal_loss(model, tokens["input_ids"], tokens["attention_mask"], teacher, float(seq_len),
+                                 lm_head_chunk)
+        loss.backward()
+        del loss
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return tracker.peak
+
+
 def _largest_linear(config: dict) -> tuple[int, int]:
     model = _meta_model(_language_config(config, layers=1), torch.bfloat16)
     _, stack = emulator.models.block_stack(model)
@@ -174,6 +210,8 @@ def verify(plan) -> dict[str, tuple[int, int]]:
         "construction": measure_construction(config, s.ratio, s.seq_len, s.calibration_micro_batch, s.method, dtype),
         "training": measure_training(config, s.ratio, s.seq_len, s.batch, s.lora_r, s.lm_head_chunk,
                                      s.embeddings_on_device, vision_bytes, dtype),
+        **({"healing": measure_healing(config, s.ratio, s.seq_len, s.heal_rank, s.lm_head_chunk, vision_bytes, dtype)}
+           if s.heal_rank else {}),
         "correction": measure_correction(config, s.ratio, s.lora_r, dtype),
         "export": measure_export(config, s.lora_r, dtype),
     }

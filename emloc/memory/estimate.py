@@ -12,10 +12,12 @@ from .spec import BlockStack, Linear, ModelSpec
 from .tracker import eigh_workspace_bytes
 
 TERMS = ("weights", "activations", "covariances", "decomposition", "lora_optimizer", "logits_loss")
-STAGES = ("construction", "training", "correction", "export")
+STAGES = ("construction", "healing", "training", "correction", "export")
 
 FP32 = 4
 LORA_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weight and gradient, AdamW exp_avg and exp_avg_sq in fp32
+HEAL_MICRO_BATCH = 1  # HealConfig.micro_batch_size
+KL_LOGITS = 6  # (chunk, vocab) fp32 blocks alive at once in the chunked KL: both logits, both log-softmaxes, p_t, grad
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Settings:
     embeddings_on_device: bool = False
     image_tiles: int | None = None
     shard_bytes: int = 2 << 30
+    heal_rank: int = 0  # 0: the build does not heal the emulator
 
 
 @dataclass
@@ -228,6 +231,32 @@ def training(spec: ModelSpec, s: Settings) -> StageMemory:
     return StageMemory("training", device, host, _not_concurrent(block, logits))
 
 
+def healing(spec: ModelSpec, s: Settings) -> StageMemory:
+    """The healing step (docs/design.md §1.7): the emulator on the device (an untied embedding on the host), a heal
+    adapter of rank ``heal_rank`` with fp32 AdamW state, the checkpointed pass of one sample (the heal
+    micro-batch) with its teacher states and the student-state gradient, and one chunk of the KL's logits; on the host
+    the teacher states of every calibration sample."""
+    B = spec.dtype_bytes
+    lm = spec.language
+    tokens = HEAL_MICRO_BATCH * s.seq_len
+    on_host = 0 if spec.tied_embeddings else spec.embedding_params
+    checkpoints = lm.blocks * tokens * lm.hidden * B
+    block = block_activation_bytes(lm, tokens, B, s.heal_rank)
+    logits = KL_LOGITS * FP32 * min(s.lm_head_chunk, tokens) * spec.vocab
+    device = {
+        "weights": (emulator_params(spec, s) - on_host) * B,
+        "lora_optimizer": lora_params(spec, s.heal_rank) * LORA_BYTES_PER_PARAM,
+        # the block checkpoints, and the final student states, teacher states and student-state gradient
+        "activations": checkpoints + 3 * tokens * lm.hidden * B + block,
+        "logits_loss": logits,
+    }
+    host = {"activations": s.samples * s.seq_len * lm.hidden * B, "weights": on_host * B}
+    # The backward frees each block's checkpoint as it fills in that block's adapter gradients (the adapter is
+    # large at rank 32): the smaller of the two never coexists with the larger.
+    gradients = lora_params(spec, s.heal_rank) * FP32
+    return StageMemory("healing", device, host, _not_concurrent(block, logits) + min(gradients, checkpoints))
+
+
 # --- correction and export --------------------------------------------------------------------------------
 
 
@@ -264,4 +293,5 @@ def export(spec: ModelSpec, s: Settings) -> StageMemory:
 
 def stages(spec: ModelSpec, s: Settings) -> list[StageMemory]:
     """Peak memory of every stage, in pipeline order."""
-    return [construction(spec, s), training(spec, s), correction(spec, s), export(spec, s)]
+    healed = [healing(spec, s)] if s.heal_rank else []
+    return [construction(spec, s), *healed, training(spec, s), correction(spec, s), export(spec, s)]

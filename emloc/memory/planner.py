@@ -6,14 +6,16 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import UserError
+from ..healing import HealConfig
 from . import estimate
-from .estimate import STAGES, TERMS, Settings, StageMemory
+from .estimate import TERMS, Settings, StageMemory
 from .spec import ModelSpec, load_model_config, model_spec
 
 GiB = 1 << 30
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
           "g": 1e9, "gb": 1e9, "gib": GiB, "t": 1e12, "tb": 1e12, "tib": 1 << 40}
 _MIN_RATIO = 0.005
+DEFAULT_HEAL_RANK = HealConfig().rank
 _RATIO_STEP = 0.001
 
 
@@ -125,7 +127,7 @@ class Plan:
                 f"LoRA r {s.lora_r}, ratio {self.ratio:.3f} -> emulator {self.emulator_params / 1e9:.2f}B of "
                 f"{self.original_params / 1e9:.2f}B parameters, LoRA {self.lora_params / 1e6:.1f}M")
         width = max(len(t) for t in TERMS) + 2
-        lines = [head, "", "device GiB".ljust(width) + "".join(name.rjust(14) for name in STAGES)]
+        lines = [head, "", "device GiB".ljust(width) + "".join(stage.name.rjust(14) for stage in self.stages)]
         for term in TERMS:
             lines.append(term.ljust(width) + "".join(f"{_gib(st.device.get(term, 0)):14.2f}" for st in self.stages))
         lines.append("not concurrent".ljust(width) + "".join(f"{-_gib(st.not_concurrent):14.2f}" for st in self.stages))
@@ -218,7 +220,7 @@ def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch:
          samples: int = 64, *, ratio: float | None = None, emulator_params: str | int | None = None,
          vision: str = "compress", method: str = "exact", embeddings_on_device: bool = False,
          image_tiles: int | None = None, lm_head_chunk: int | None = None,
-         calibration_micro_batch: int | None = None) -> Plan:
+         calibration_micro_batch: int | None = None, heal_rank: int = DEFAULT_HEAL_RANK) -> Plan:
     """Plan the memory of building an emulator, training LoRA on it, correcting and exporting it.
 
     Args:
@@ -235,6 +237,8 @@ def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch:
         embeddings_on_device: keep the input embedding on the device in training (default: on the host).
         image_tiles: image tiles per sample for a vision model (default: as many as ``seq_len`` holds).
         lm_head_chunk, calibration_micro_batch: override the planned values.
+        heal_rank: rank of the build's heal adapter (docs/design.md §1.7; the default build heals), 0 when the
+            build does not heal.
 
     Returns a :class:`Plan`; ``plan.fits`` is False with ``plan.reason`` naming the stage and its largest
     term when no ratio (or not the requested one) fits.
@@ -242,6 +246,8 @@ def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch:
     for name, value in (("seq_len", seq_len), ("batch", batch), ("lora_r", lora_r), ("samples", samples)):
         if not isinstance(value, int) or value < 1:
             raise UserError(f"plan: {name} must be a positive integer, got {value!r}")
+    if isinstance(heal_rank, bool) or not isinstance(heal_rank, int) or heal_rank < 0:
+        raise UserError(f"plan: heal_rank must be an integer >= 0, got {heal_rank!r}")
     if vision not in ("compress", "dense"):
         raise UserError(f"plan: vision must be 'compress' or 'dense', got {vision!r}")
     if method not in ("exact", "randomized"):
@@ -256,7 +262,7 @@ def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch:
     chunk = lm_head_chunk or _lm_head_chunk(spec, batch * seq_len, budget_bytes)
     s = Settings(ratio=ratio or 1.0, seq_len=seq_len, batch=batch, lora_r=lora_r, samples=samples,
                  lm_head_chunk=chunk, method=method, compress_vision=vision == "compress",
-                 embeddings_on_device=embeddings_on_device, image_tiles=image_tiles)
+                 embeddings_on_device=embeddings_on_device, image_tiles=image_tiles, heal_rank=heal_rank)
     if emulator_params is not None:
         s = replace(s, ratio=_ratio_for_params(spec, s, parse_count(emulator_params)))
     elif ratio is None:
