@@ -3,8 +3,9 @@
 Rounds interleave the three builds (baseline, ours exact, ours randomized) so that load on a shared CPU
 hits them alike. Each build is timed in wall-clock seconds and in CPU seconds of this process (with one
 thread, the CPU time is what the build costs, whatever else the machine runs). The table gives medians,
-the speed-up of each median over the baseline's, and the check that makes the comparison fair: the largest relative difference of the ``u v`` products from the
-baseline's (exact), and the reconstruction error over the exact optimum's (randomized).
+the speed-up of each median over the baseline's, and the check that makes the comparison fair: the largest
+relative difference of the ``u v`` products from the baseline's (exact), and the reconstruction error over the
+exact optimum's (randomized).
 
     OMP_NUM_THREADS=1 python benchmarks/build_speed.py                  # the flagship's proportions
     OMP_NUM_THREADS=1 python benchmarks/build_speed.py --mlp 3584       # Llama-3-8B's

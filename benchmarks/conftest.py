@@ -80,7 +80,8 @@ def pytest_terminal_summary(terminalreporter):
         return
     width = max(len(group) for group, *_ in rows)
     terminalreporter.section("emloc vs naive baseline (medians, same run)")
-    terminalreporter.write_line(f"{'group':<{width}}  {'variant':<18} {'naive ms':>10} {'emloc ms':>10} {'speed-up':>9}")
+    terminalreporter.write_line(
+        f"{'group':<{width}}  {'variant':<18} {'naive ms':>10} {'emloc ms':>10} {'speed-up':>9}")
     for group, impl, naive, median in rows:
         terminalreporter.write_line(
             f"{group:<{width}}  {impl:<18} {naive * 1e3:>10.3f} {median * 1e3:>10.3f} {naive / median:>8.2f}x"

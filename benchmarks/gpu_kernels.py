@@ -63,16 +63,24 @@ def median_ms(fn, rounds: int) -> float:
     return statistics.median(times)
 
 
-def measure_peaks(rounds: int) -> dict:
-    """The device's bf16 dense GEMM rate (cuBLAS) and its memory bandwidth (a device copy: read + write)."""
+def _gemm_ms(rounds: int) -> float:
+    """Median ms of a GEMM_SIZE^3 bf16 ``torch.mm``; its tensors are freed on return."""
     a, b = (torch.randn(GEMM_SIZE, GEMM_SIZE, device=DEVICE, dtype=DTYPE) for _ in range(2))
     out = torch.empty_like(a)
-    gemm_ms = median_ms(lambda: torch.mm(a, b, out=out), rounds)
-    del a, b, out
+    return median_ms(lambda: torch.mm(a, b, out=out), rounds)
+
+
+def _copy_ms(rounds: int) -> float:
+    """Median ms of a COPY_BYTES device-to-device copy; its buffers are freed on return."""
     src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
-    copy_ms = median_ms(lambda: dst.copy_(src), rounds)
-    del src, dst
+    return median_ms(lambda: dst.copy_(src), rounds)
+
+
+def measure_peaks(rounds: int) -> dict:
+    """The device's bf16 dense GEMM rate (cuBLAS) and its memory bandwidth (a device copy: read + write)."""
+    gemm_ms = _gemm_ms(rounds)
+    copy_ms = _copy_ms(rounds)
     torch.cuda.empty_cache()
     return {"gemm_shape": f"{GEMM_SIZE}^3", "gemm_tflops": 2 * GEMM_SIZE**3 / gemm_ms / 1e9,
             "copy_bytes": COPY_BYTES, "copy_gbps": 2 * COPY_BYTES / copy_ms / 1e6}
@@ -180,7 +188,7 @@ def bench_emulator(name: str, training: bool, rounds: int, peaks: dict) -> dict:
     args = emulator_inputs(m, n, r, training)
     assert use_triton("emulator_linear", *args[:6]), "emulator_linear would not run its Triton kernels"
     grad = torch.randn(T, m, device=DEVICE, dtype=DTYPE) if training else None
-    outputs = list(zip(_outputs(emulator_linear, args, grad), _outputs(naive_emulator, args, grad)))
+    outputs = list(zip(_outputs(emulator_linear, args, grad), _outputs(naive_emulator, args, grad), strict=True))
     times = []
     for fn in (emulator_linear, naive_emulator):
         if training:

@@ -105,8 +105,8 @@ def describe(config: dict, followed, steps: int) -> str:
             f"{config['num_attention_heads']} / {config['num_key_value_heads']} KV heads, vocab {VOCAB}; "
             f"ratio {s.ratio}, {s.samples} calibration samples of {s.seq_len} tokens (micro-batch "
             f"{s.calibration_micro_batch}), {steps} steps of {s.batch} x {s.seq_len} tokens, LoRA r {s.lora_r}, "
-            f"LM-head chunk {s.lm_head_chunk}, input embedding on the {'device' if s.embeddings_on_device else 'host'}; "
-            "export merged on the host")
+            f"LM-head chunk {s.lm_head_chunk}, "
+            f"input embedding on the {'device' if s.embeddings_on_device else 'host'}; export merged on the host")
 
 
 def run_model(key: str, work: Path, quick: bool) -> dict:
@@ -181,7 +181,10 @@ def run_reference(record, args) -> None:
         model = built[key]
         record.update(current={"name": model["name"], "started_s": round(record.elapsed(), 1)})
         workload = Workload(samples=SAMPLES, max_length=SEQ_LEN, batch_size=model["calibration_micro_batch"])
-        _, stage = staged("reference", lambda: run_baseline(Path(model["source"]), Path(model["data"]),
-                                                            args.work / key / "reference", workload, DEVICE), 0)
+        _, stage = staged("reference",
+                          lambda model=model, key=key, workload=workload: run_baseline(
+                              Path(model["source"]), Path(model["data"]), args.work / key / "reference", workload,
+                              DEVICE),
+                          0)
         record.append("models", {"name": model["name"], "seconds": stage["seconds"],
                                  "measured_bytes": stage["measured_bytes"]})

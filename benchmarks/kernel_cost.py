@@ -239,7 +239,7 @@ def table(entries: list[tuple[str, str, Cost, Cost]]) -> str:
     ]
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     fmt = lambda row: "  ".join(  # noqa: E731
-        cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))
+        cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
     )
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 

@@ -71,4 +71,5 @@ def test_emloc_build(benchmark, workload, svd):
         assert ratios[worst] <= ERROR_RATIO_BOUND, f"{worst}: reconstruction error {ratios[worst]:.4f}x the optimum"
     speedup = baseline_run["median"] / median
     benchmark.extra_info["speedup_over_baseline"] = round(speedup, 3)
-    assert speedup >= SPEEDUP_TARGETS[svd], f"svd={svd}: {speedup:.2f}x the baseline's speed, target {SPEEDUP_TARGETS[svd]}x"
+    assert speedup >= SPEEDUP_TARGETS[svd], (
+        f"svd={svd}: {speedup:.2f}x the baseline's speed, target {SPEEDUP_TARGETS[svd]}x")

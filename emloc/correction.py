@@ -150,7 +150,8 @@ def check_emulator_source(emulator_path: str | os.PathLike, original: Checkpoint
 def weight_keys(adapter: LoraAdapter, model: CheckpointIndex) -> dict[str, str]:
     """The checkpoint key of each adapter module's weight (checkpoints may prefix module names differently).
 
-    Raises :class:`~emloc.errors.UserError` naming the first adapter module that has no weight in the model's checkpoint.
+    Raises :class:`~emloc.errors.UserError` naming the first adapter module that has no weight in the model's
+    checkpoint.
     """
     key_of = key_mapping([f"{name}.weight" for name in adapter.weights], model)
     keys = {name: key_of(f"{name}.weight") for name in adapter.weights}
@@ -162,7 +163,8 @@ def weight_keys(adapter: LoraAdapter, model: CheckpointIndex) -> dict[str, str]:
 
 
 def check_adapter_shapes(name: str, a: Tensor, b: Tensor, shape, where) -> None:
-    """Raise :class:`~emloc.errors.UserError` if LoRA ``a (k, n)``, ``b (m, k)`` cannot sit on a weight of ``shape (m, n)``."""
+    """Raise :class:`~emloc.errors.UserError` if LoRA ``a (k, n)``, ``b (m, k)`` cannot sit on a weight of
+    ``shape (m, n)``."""
     if len(shape) != 2 or a.ndim != 2 or b.ndim != 2 or (b.shape[0], a.shape[1]) != tuple(shape) \
             or a.shape[0] != b.shape[1]:
         raise UserError(f"LoRA adapter module {name!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do "

@@ -44,7 +44,7 @@ def _chat_example(messages: list[dict], tokenizer, max_length: int, where: str) 
                         return_offsets_mapping=True)
     ids = encoded["input_ids"]
     labels = [tok if any(lo <= start < hi for lo, hi in spans) and end > start else IGNORE
-              for tok, (start, end) in zip(ids, encoded["offset_mapping"])]
+              for tok, (start, end) in zip(ids, encoded["offset_mapping"], strict=True)]
     return {"input_ids": ids, "labels": labels, "chat": True}
 
 

@@ -252,7 +252,8 @@ class LoraAdapter:
         try:
             r, alpha = int(config["r"]), float(config["lora_alpha"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"LoRA adapter {config_path}: needs integer 'r' and number 'lora_alpha' ({exc!r})") from None
+            raise UserError(
+                f"LoRA adapter {config_path}: needs integer 'r' and number 'lora_alpha' ({exc!r})") from None
         keys = [key for key in read_header(weights_path)[0] if key != "__metadata__"]
         pairs: dict[str, dict[str, Tensor]] = {}
         for key, tensor in read_tensors(weights_path, keys):

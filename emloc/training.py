@@ -317,8 +317,9 @@ def _read_checkpoint(directory: Path) -> dict:
         try:
             return torch.load(path, weights_only=True)
         except Exception as exc:  # noqa: BLE001 -- the unpickler's refusals come as several exception types
-            raise UserError(f"{path}: not a checkpoint emloc reads (it holds more than tensors and plain data: "
-                            f"{type(exc).__name__}); delete it to resume from an earlier one or from the start") from None
+            raise UserError(
+                f"{path}: not a checkpoint emloc reads (it holds more than tensors and plain data: "
+                f"{type(exc).__name__}); delete it to resume from an earlier one or from the start") from None
     meta = read_json(directory / STATE_JSON)
     path = directory / STATE_TENSORS
     keys = [key for key in read_header(path)[0] if key != "__metadata__"]

@@ -10,8 +10,9 @@ while ``X^T X`` is nonsingular, to within the eigenvalue clamp otherwise):
   covariance ``Y^T Y = W C W^T``, and ``v = P_r^T W``. Best when ``m <= n``; needs no inverse, no clamp.
 
 ``method="randomized"`` replaces the eigendecomposition of the ``k x k`` symmetric matrix (Gram or output
-covariance) with a range finder (oversampling and power iterations), ``O(k^2 r)`` instead of ``O(k^3)``. The GEMMs that carry a diagonal scaling or
-a final cast go through :func:`emloc_kernels.ops.scaled_matmul`; the factorisations stay in torch.linalg.
+covariance) with a range finder (oversampling and power iterations), ``O(k^2 r)`` instead of ``O(k^3)``. The
+GEMMs that carry a diagonal scaling or a final cast go through :func:`emloc_kernels.ops.scaled_matmul`; the
+factorisations stay in torch.linalg.
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def _check_args(fn: str, weight: Tensor, rank: int, method: str, oversample: int
     if weight.ndim != 2 or not weight.is_floating_point():
         raise ValueError(f"{fn}: weight must be a 2-D (out, in) float tensor, got {weight.dtype} {tuple(weight.shape)}")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(weight.shape):
-        raise ValueError(f"{fn}: rank must be an int in [1, {min(weight.shape)}] for weight {tuple(weight.shape)}, got {rank!r}")
+        raise ValueError(f"{fn}: rank must be an int in [1, {min(weight.shape)}] for weight {tuple(weight.shape)}, "
+                         f"got {rank!r}")
     if method not in METHODS:
         raise ValueError(f"{fn}: method must be one of {METHODS}, got {method!r}")
     if oversample < 0 or power_iters < 0:
@@ -128,7 +130,8 @@ def whitened_lowrank(
     # sqrt(sigma) split evenly between u and v; the floor keeps a rank-deficient W S finite.
     root = kept.clamp_min(kept[0] * torch.finfo(dtype).eps + torch.finfo(dtype).tiny).sqrt().sqrt()
     # u = W S R_r diag(1 / root) = P_r diag(sqrt sigma_r): S R_r first (n, r), then one GEMM with W
-    u = ops.scaled_matmul(weight, ops.scaled_matmul(basis, right, None, scale, 1.0 / root, dtype), None, None, None, dtype)
+    u = ops.scaled_matmul(weight, ops.scaled_matmul(basis, right, None, scale, 1.0 / root, dtype),
+                          None, None, None, dtype)
     # v = diag(root) R_r^T diag(1 / scale) Q^T: both scalings fused into one GEMM reading Q^T in place.
     v = ops.scaled_matmul(right.T, basis.T, root, 1.0 / scale, None, dtype)
     return (u, v, error) if with_error else (u, v)
@@ -172,8 +175,9 @@ def projected_lowrank(
     out_cov's dtype.
 
     Exact even when the covariance is singular (fewer calibration tokens than features): nothing is inverted.
-    ``method="randomized"`` is a range finder on ``out_cov`` followed by Rayleigh-Ritz. With ``with_error`` a third value is returned: the relative reconstruction
-    error ``||(W - u v) X^T|| / ||W X^T||`` (0-d, from the eigenvalues).
+    ``method="randomized"`` is a range finder on ``out_cov`` followed by Rayleigh-Ritz. With ``with_error`` a
+    third value is returned: the relative reconstruction error ``||(W - u v) X^T|| / ||W X^T||`` (0-d, from the
+    eigenvalues).
     """
     _check_args("projected_lowrank", weight, rank, method, oversample, power_iters)
     m = weight.shape[0]

@@ -143,7 +143,7 @@ def make_checkpoint(directory, arch: str = "llama", *, num_layers: int = 2, hidd
     torch.manual_seed(seed)
     model = _CONFIGS[arch][1](config).to(dtype)
     with torch.no_grad():  # random norms and biases too, so a wrongly loaded one cannot go unnoticed
-        for name, param in model.named_parameters():
+        for _, param in model.named_parameters():
             if param.ndim == 1:
                 param.add_(0.1 * torch.randn_like(param))
     state, seen = {}, set()

@@ -45,7 +45,8 @@ def _hook_block(block, groups, mask):
                 key = f"out:{linear.name}"
                 covs[key] = torch.zeros(linear.out_features, linear.out_features)
                 hooks.append(module.register_forward_hook(
-                    lambda mod, args, out, c=covs[key]: _accumulate(c, out if mod.bias is None else out - mod.bias, mask["m"])))
+                    lambda mod, args, out, c=covs[key]: _accumulate(
+                        c, out if mod.bias is None else out - mod.bias, mask["m"])))
             elif f"in:{group[0].name}" not in covs:
                 key = f"in:{group[0].name}"
                 covs[key] = torch.zeros(linear.in_features, linear.in_features)
@@ -69,7 +70,7 @@ def _in_memory_emulator(path, batches, compression, propagate="original"):
             for batch in batches:
                 mask["m"] = batch.attention_mask
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        for i, (covs, hooks) in zip(blocks, hooked):
+        for i, (covs, hooks) in zip(blocks, hooked, strict=True):
             for hook in hooks:
                 hook.remove()
             compress_block(stack[i], plan[i], covs, "exact")
@@ -143,7 +144,7 @@ def test_reported_error_is_the_reconstruction_error(tmp_path, seed):
             inputs["mask"] = inputs.get("mask", []) + [batch.attention_mask]
             full(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     for name in ("self_attn.q_proj", "mlp.down_proj"):
-        x = torch.cat([a[m] for a, m in zip(inputs[name], inputs["mask"])]).double()
+        x = torch.cat([a[m] for a, m in zip(inputs[name], inputs["mask"], strict=True)]).double()
         w = full.model.layers[0].get_submodule(name).weight.double()
         layer = emulator.model.layers[0].get_submodule(name)
         approx = layer.u.double() @ layer.v.double()
@@ -326,7 +327,8 @@ def test_non_finite_activations_name_block_and_module(tmp_path):
     state["model.layers.2.input_layernorm.weight"][3] = 3e38  # finite, but its activations overflow
     save_file(state, str(shard), metadata={"format": "pt"})
     out = tmp_path / "emu"
-    with pytest.raises(BuildError, match=r"model\.layers\.2\.self_attn\.q_proj: calibration input activations contain NaN or Inf"):
+    with pytest.raises(BuildError,
+                       match=r"model\.layers\.2\.self_attn\.q_proj: calibration input activations contain NaN or Inf"):
         emloc.build_emulator(source, make_text_data(tmp_path / "d.jsonl", 4), out, **FAST)
     done = json.loads((out / "emloc-manifest.json").read_text())["done"]
     assert sorted(done) == ["model.layers.0", "model.layers.1", "outer"], "finished blocks are kept"
@@ -343,7 +345,8 @@ def test_cli_build_prints_a_summary(tmp_path, capsys):
     printed = capsys.readouterr().out
     report = json.loads((tmp_path / "emu" / "emloc-report.json").read_text())
     assert f"parameters: {report['parameters_before']:,} -> {report['parameters_after']:,}" in printed
-    assert sorted(report["modules"]) == sorted(f"model.layers.{i}.mlp.{p}_proj" for i in (0, 1) for p in ("gate", "up", "down"))
+    assert sorted(report["modules"]) == sorted(
+        f"model.layers.{i}.mlp.{p}_proj" for i in (0, 1) for p in ("gate", "up", "down"))
     for name, info in report["modules"].items():
         assert f"{name:<48} {info['rank']:>6}" in printed
     assert json.loads((tmp_path / "emu" / "config.json").read_text())["emloc"]["calibration"]["samples"] == 4

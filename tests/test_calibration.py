@@ -56,9 +56,9 @@ def test_batches_are_right_padded_with_a_matching_mask(tmp_path, tokenizer):
     batches = make_batches(samples, batch_size=3, pad_id=tokenizer.pad_token_id)
     assert [len(b.input_ids) for b in batches] == [3, 3, 1]
     assert max(len(s) for s in samples) <= 120
-    rows = [(ids, mask) for b in batches for ids, mask in zip(b.input_ids, b.attention_mask)]
+    rows = [(ids, mask) for b in batches for ids, mask in zip(b.input_ids, b.attention_mask, strict=True)]
     assert len({int(m.sum()) for _, m in rows}) > 1, "samples must vary in length"
-    for sample, (ids, mask) in zip(samples, rows):
+    for sample, (ids, mask) in zip(samples, rows, strict=True):
         assert mask.dtype == torch.bool and int(mask.sum()) == len(sample)
         assert ids[mask].tolist() == sample
         assert bool((ids[~mask] == tokenizer.pad_token_id).all()) and bool(mask[:len(sample)].all())

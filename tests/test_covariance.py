@@ -131,10 +131,10 @@ def test_accumulates_over_calls(seed):
                                                                          (64, torch.bfloat16), (17, torch.float32))]
     masks = [torch.rand(c.shape[0], device=DEVICE) < 0.7 for c in chunks]
     cov = torch.zeros(n, n, device=DEVICE)
-    for chunk, mask in zip(chunks, masks):
+    for chunk, mask in zip(chunks, masks, strict=True):
         covariance_update(cov, chunk, mask)
     want = torch.zeros(n, n, dtype=torch.float64, device=DEVICE)
-    for chunk, mask in zip(chunks, masks):
+    for chunk, mask in zip(chunks, masks, strict=True):
         want = expected(want, chunk, mask)
     assert_close(cov, want, rtol=TOL, what=f"cov after {len(chunks)} calls (seed {seed})")
 

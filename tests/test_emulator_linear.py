@@ -234,7 +234,8 @@ def test_gradcheck_reference(seed):
     """float64 takes the reference path; its autograd formula agrees with finite differences."""
     n, r, m, k = 6, 3, 5, 2
     v, u = torch.randn(r, n, dtype=torch.float64), torch.randn(m, r, dtype=torch.float64)
-    x, bias, a, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((2, 4, n), (m,), (k, n), (m, k)))
+    x, bias, a, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True)
+                     for s in ((2, 4, n), (m,), (k, n), (m, k)))
     assert torch.autograd.gradcheck(
         lambda x, bias, a, b: emloc_kernels.emulator_linear(x, v, u, bias, a, b, SCALING), (x, bias, a, b))
 
@@ -279,5 +280,5 @@ def test_torch_compile_fullgraph_matches_eager(seed):
         y = forward(xi)
         y.backward(grad_y)
         results.append([y, xi.grad, layer.bias.grad, layer.lora_a.grad, layer.lora_b.grad])
-    for name, got, want in zip(["y", "x", "bias", "lora_a", "lora_b"], results[1], results[0]):
+    for name, got, want in zip(["y", "x", "bias", "lora_a", "lora_b"], results[1], results[0], strict=True):
         assert_close(got, want, torch.float32, what=f"compiled {name}")

@@ -90,7 +90,8 @@ def results(**changes) -> dict:
                     "rows": [{"op": "emulator_linear fwd", "shape": "32B up", "emloc": rates(0.5), "naive": rates(1.0),
                               "rel_diff": 1e-3, "bound": 6e-2, "ok": True}]},
         "pipeline": {"status": "ok", "seconds": 100.0, "budget_s": 130, "models": [
-            {"key": "llama3-8b", "name": "Llama-3-8B", "describe": "2 blocks of Llama-3-8B", "construction_seconds": 10.0,
+            {"key": "llama3-8b", "name": "Llama-3-8B", "describe": "2 blocks of Llama-3-8B",
+             "construction_seconds": 10.0,
              "stages": [stage("construction", 3.0, 3.2), stage("training", 9.5, 9.0), stage("export", 0.0, 1.0)]}]},
         "reference": {"status": "ok", "seconds": 40.0, "budget_s": 70,
                       "current": {"name": "Llama-3-8B", "started_s": 5.0},

@@ -53,7 +53,8 @@ def test_from_factors_shares_storage(seed):
     assert (layer.in_features, layer.out_features, layer.rank, layer.bias) == (N, M, RANK, None)
 
 
-@pytest.mark.parametrize("rslora,expected_scaling", [(False, 16 / 4), (True, 16 / math.sqrt(4))], ids=["alpha/r", "rslora"])
+@pytest.mark.parametrize("rslora,expected_scaling", [(False, 16 / 4), (True, 16 / math.sqrt(4))],
+                         ids=["alpha/r", "rslora"])
 def test_lora_equals_merged_weight(seed, rslora, expected_scaling):
     """With LoRA the layer computes ``(u v + s B A) x + bias``, s = alpha / r or alpha / sqrt(r)."""
     layer = emulator()
@@ -108,7 +109,7 @@ def test_dropout_path(seed, base, lora):
     layer(x).float().square().mean().backward()
     optimizer.step()
     assert not torch.equal(layer.lora_a, before[0]) and not torch.equal(layer.lora_b, before[1])
-    assert all(torch.equal(t, f) for t, f in zip((layer.u, layer.v, layer.bias), frozen))
+    assert all(torch.equal(t, f) for t, f in zip((layer.u, layer.v, layer.bias), frozen, strict=True))
 
     layer.eval()
     merged = dense(layer)

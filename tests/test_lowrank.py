@@ -52,7 +52,8 @@ def _strided_vector(t: torch.Tensor) -> torch.Tensor:
 
 def _scales(m: int, k: int, n: int, present=(True, True, True)):
     """Positive scales in [0.5, 1.5) (as eigenvalue roots are), None where absent."""
-    return tuple(torch.rand(size, device=DEVICE) + 0.5 if on else None for size, on in zip((m, k, n), present))
+    return tuple(torch.rand(size, device=DEVICE) + 0.5 if on else None
+                 for size, on in zip((m, k, n), present, strict=True))
 
 
 def _expected(a, b, row, inner, col) -> torch.Tensor:
@@ -73,7 +74,7 @@ def _tolerance(*dtypes: torch.dtype) -> float:
 
 
 @pytest.mark.parametrize("present", list(itertools.product((False, True), repeat=3)),
-                         ids=lambda p: "".join(n if on else "-" for n, on in zip("ric", p)))
+                         ids=lambda p: "".join(n if on else "-" for n, on in zip("ric", p, strict=True)))
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_scaled_matmul_every_scale_combination(triton_backend, seed, dtype, present):
     a, b = torch.randn(M, K, device=DEVICE).to(dtype), torch.randn(K, N, device=DEVICE).to(dtype)
@@ -84,7 +85,7 @@ def test_scaled_matmul_every_scale_combination(triton_backend, seed, dtype, pres
 
 
 @pytest.mark.parametrize("present", list(itertools.product((False, True), repeat=3)),
-                         ids=lambda p: "".join(n if on else "-" for n, on in zip("ric", p)))
+                         ids=lambda p: "".join(n if on else "-" for n, on in zip("ric", p, strict=True)))
 @pytest.mark.parametrize("shape", [(9, 40, 70), (70, 40, 9)], ids=("a-smaller", "b-smaller"))
 def test_scaled_matmul_torch_backend(torch_backend, seed, shape, present):
     """The torch backend scales the smaller operand and the fresh product in place: the same result, and
@@ -332,7 +333,8 @@ def test_factors_run_the_triton_kernel(monkeypatch, triton_backend):
     _factors("whitened", w, x, 3, torch.float32)
     _factors("projected", w, x, 3, torch.float32)
     # whitened: the Gram sandwich, S R, u and v; projected: v
-    assert len(calls["scaled_matmul"]) == 5, f"expected 5 scaled GEMMs from the kernel, got {len(calls['scaled_matmul'])}"
+    assert len(calls["scaled_matmul"]) == 5, (
+        f"expected 5 scaled GEMMs from the kernel, got {len(calls['scaled_matmul'])}")
     assert len(calls["covariance_update"]) == 1, "W^T W did not run the covariance kernel"
 
 

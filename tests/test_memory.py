@@ -45,7 +45,8 @@ def test_parameter_counts_match_transformers(model_type, seed):
     settings = Settings(ratio=ratio)
     assert estimate.emulator_params(spec, settings) == sum(p.numel() for p in model.parameters())
     ranks = {name: m.rank for name, m in model.model.layers[0].named_modules() if isinstance(m, EmulatorLinear)}
-    assert ranks == {l.name: estimate.rank(ratio, l) for l in spec.language.linears if estimate.rank(ratio, l)}
+    assert ranks == {linear.name: estimate.rank(ratio, linear) for linear in spec.language.linears
+                     if estimate.rank(ratio, linear)}
     lora.add_lora(model, r=3)
     assert estimate.lora_params(spec, 3) == sum(p.numel() for p in lora.lora_parameters(model))
 
@@ -81,7 +82,8 @@ def test_internvl_38b_spec_matches_published_shapes():
     assert abs(spec.params - 38.39e9) < 0.01e9  # 38.4B published
     vision = spec.vision.stack
     assert (vision.hidden, vision.intermediate, vision.blocks, vision.heads) == (3200, 12800, 45, 25)
-    assert [(l.in_features, l.out_features) for l in spec.vision.projector] == [(12800, 5120), (5120, 5120)]
+    projector = [(linear.in_features, linear.out_features) for linear in spec.vision.projector]
+    assert projector == [(12800, 5120), (5120, 5120)]
     assert abs(vision.blocks * vision.block_params - 5.53e9) < 0.05e9  # InternViT-6B: 5.5B parameters
 
 

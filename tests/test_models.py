@@ -34,7 +34,7 @@ def test_blockwise_pass_reproduces_full_model_logits(tmp_path, arch, seed):
     assert any(not bool(b.attention_mask.all()) for b in batches), "the batches must hold padding"
     got = blockwise_logits(path, batches, device="cpu")
     full = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    for batch, logits in zip(batches, got):
+    for batch, logits in zip(batches, got, strict=True):
         with torch.no_grad():
             expected = full(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
         mask = batch.attention_mask

@@ -134,7 +134,8 @@ def test_read_tensors_round_trips_every_dtype_into_independent_buffers(tmp_path,
     for key, expected in tensors.items():
         assert loaded[key].dtype == expected.dtype and torch.equal(loaded[key], expected), key
     pointers = {t.untyped_storage().data_ptr() for t in loaded.values() if t.numel()}
-    assert len(pointers) == sum(1 for t in loaded.values() if t.numel()), "tensors share one buffer: none could be freed alone"
+    assert len(pointers) == sum(1 for t in loaded.values() if t.numel()), (
+        "tensors share one buffer: none could be freed alone")
 
 
 def test_read_tensors_names_the_file_and_tensor_of_truncated_data(tmp_path):

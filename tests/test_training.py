@@ -42,10 +42,10 @@ def emulator(model_dir, dtype=torch.float32):
 def test_chat_labels_cover_exactly_the_answers(tiny):
     model_dir, chat, tokenizer = tiny
     rows = [json.loads(line) for line in chat.read_text().splitlines()]
-    for row, example in zip(rows, load_examples(chat, tokenizer, 256)):
-        answer = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE]
+    for row, example in zip(rows, load_examples(chat, tokenizer, 256), strict=False):
+        answer = [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != IGNORE]
         assert tokenizer.decode(answer) == row["messages"][1]["content"] + "</s>"
-        assert all(label in (IGNORE, t) for t, label in zip(example["input_ids"], example["labels"]))
+        assert all(label in (IGNORE, t) for t, label in zip(example["input_ids"], example["labels"], strict=True))
 
 
 def test_multi_turn_sharegpt_labels_cover_every_answer(tiny, tmp_path):
@@ -56,7 +56,7 @@ def test_multi_turn_sharegpt_labels_cover_every_answer(tiny, tmp_path):
     path.write_text(json.dumps({"conversations": [{"from": f, "value": v} for f, v in turns]}) + "\n")
     (example,) = load_examples(path, tokenizer, 256)
     spans, current = [], []
-    for token, label in zip(example["input_ids"], example["labels"]):
+    for token, label in zip(example["input_ids"], example["labels"], strict=True):
         if label != IGNORE:
             current.append(token)
         elif current:
@@ -207,7 +207,7 @@ def test_cosine_schedule_with_warmup():
         scheduler.step()
     assert lrs[:3] == pytest.approx([2 / 3, 4 / 3, 2.0])
     assert lrs[3 + 97 // 2] == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * (97 // 2) / 97)))
-    assert lrs[-1] < 2.0 * 1e-3 and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert lrs[-1] < 2.0 * 1e-3 and all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))
 
 
 @pytest.mark.parametrize("total,ratio", [(500, 0.03), (100, 0.03), (10, 0.1), (3, 0.03), (1, 0.03), (40, 0.0)])

@@ -54,5 +54,6 @@ def run(args: argparse.Namespace) -> int:
         if checked is not None:
             print("\ndry run (meta device, the pipeline's code)   planned GiB   measured GiB   difference")
             for name, (planned, measured) in checked.items():
-                print(f"  {name:<42}{planned / 2**30:12.2f}{measured / 2**30:15.2f}{(planned - measured) / measured:12.1%}")
+                print(f"  {name:<42}{planned / 2**30:12.2f}{measured / 2**30:15.2f}"
+                      f"{(planned - measured) / measured:12.1%}")
     return 0 if result.fits else 1

@@ -95,7 +95,8 @@ def _emulator_ratio(emulator_dir: str) -> float:
     try:
         compression = read_json(path)["emloc"]["compression"]
     except (UserError, KeyError, TypeError):
-        raise UserError(f"{emulator_dir}: not an emloc emulator directory ({path} without an 'emloc' section)") from None
+        raise UserError(
+            f"{emulator_dir}: not an emloc emulator directory ({path} without an 'emloc' section)") from None
     if list(compression) != [".*"]:
         raise UserError(f"{emulator_dir}: built with per-module ratios {compression}; --budget plans one ratio")
     return compression[".*"]

@@ -70,7 +70,8 @@ def heldout_loss(model: LlamaForCausalLM, stream: torch.Tensor, seq_len: int) ->
     return sum(losses) / len(losses)
 
 
-def pretrain(spec: ModelSpec, train: torch.Tensor, heldout: torch.Tensor, recipe: Recipe) -> tuple[LlamaForCausalLM, float]:
+def pretrain(spec: ModelSpec, train: torch.Tensor, heldout: torch.Tensor,
+             recipe: Recipe) -> tuple[LlamaForCausalLM, float]:
     """Pretrain ``spec`` from scratch on ``train``; returns the model and its held-out loss."""
     torch.manual_seed(recipe.seed)
     model = LlamaForCausalLM(spec.config())
