@@ -225,7 +225,8 @@ def run_block(block: nn.Module, inputs: Iterable[BlockInput], sink: Sink) -> Non
 
 
 def compress_block(block: nn.Module, plan: list[list[LinearPlan]], covariances: dict[str, Tensor],
-                   svd: Literal["exact", "randomized"] = "exact", seed: int = 0, damping: float = 0.0) -> dict[str, dict]:
+                   svd: Literal["exact", "randomized"] = "exact", seed: int = 0,
+                   damping: float = 0.0) -> dict[str, dict]:
     """Replace each planned linear of ``block`` by an :class:`EmulatorLinear` in the block's dtype, taking the
     smaller eigenproblem to the same optimum: output space (docs/design.md §1.4) for ``out <= in``, from the
     accumulated output covariance or from ``W C W^T``; otherwise the whitened form, with one whitening
@@ -679,7 +680,7 @@ def build_emulator(
         for index in range(blocks):
             name = f"{source.prefix}.{index}"
             file = _shard_name(index + 2, total)
-            inputs = lambda: _inputs(store, kwargs, batches, index, source.device)  # noqa: E731
+            inputs = lambda index=index: _inputs(store, kwargs, batches, index, source.device)  # noqa: E731
             bar = tqdm(total=len(batches), desc=f"block {index + 1}/{blocks}", unit="batch", disable=not progress)
             sink = _FiniteSink(store)
             if manifest.finished(name) is not None:

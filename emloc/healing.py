@@ -152,7 +152,8 @@ def _split(batches: list[CalibrationBatch], teachers: list[Tensor], size: int):
     for batch, teacher in zip(batches, teachers, strict=True):
         for start in range(0, len(batch.input_ids), size):
             part = slice(start, start + size)
-            out_batches.append(replace(batch, input_ids=batch.input_ids[part], attention_mask=batch.attention_mask[part]))
+            out_batches.append(replace(batch, input_ids=batch.input_ids[part],
+                                       attention_mask=batch.attention_mask[part]))
             out_teachers.append(teacher[part])
     return out_batches, out_teachers
 
@@ -201,7 +202,8 @@ def heal(model: nn.Module, batches: list[CalibrationBatch], teachers: list[Tenso
     kl_after = _mean_kl(model, batches, teachers, config.lm_head_chunk)
     adapter = {}
     for name, layer in layers.items():
-        adapter[name] = (layer.lora_a.detach().float().cpu(), (layer.lora_scaling * layer.lora_b.detach()).float().cpu())
+        scaled_b = layer.lora_scaling * layer.lora_b.detach()
+        adapter[name] = (layer.lora_a.detach().float().cpu(), scaled_b.float().cpu())
         layer.lora_a = layer.lora_b = None
     return adapter, {"kl_before": kl_before, "kl_after": kl_after, "losses": losses}
 

@@ -49,9 +49,10 @@ def _recorded(config: TrainConfig) -> dict:
 
 def plan_for_budget(model_dir: str | os.PathLike, budget: str | int, config: TrainConfig,
                     ratio: float | dict | None = None, max_samples: int = 64, svd: str = "exact",
-                    dtype: torch.dtype | None = None) -> Plan:
+                    dtype: torch.dtype | None = None, heal_rank: int = DEFAULT_HEAL.rank) -> Plan:
     """The memory plan of building and training on the model in ``model_dir`` (its ``config.json``) within
-    ``budget``: the training shape of ``config``, ``max_samples`` calibration samples, ``dtype`` weights.
+    ``budget``: the training shape of ``config``, ``max_samples`` calibration samples, ``dtype`` weights,
+    healing at ``heal_rank`` (0: none).
 
     ``ratio`` None takes the largest ratio that fits. Raises ValueError with the planner's reason when the
     given ratio, or any ratio, does not fit.
@@ -62,7 +63,8 @@ def plan_for_budget(model_dir: str | os.PathLike, budget: str | int, config: Tra
     if dtype is not None:
         model_config = {**model_config, "torch_dtype": str(dtype).removeprefix("torch.")}
     result = replace(plan(model_config, budget, seq_len=config.max_length, batch=config.micro_batch_size,
-                          lora_r=config.lora_r, samples=max_samples, ratio=ratio, method=svd), model=name)
+                          lora_r=config.lora_r, samples=max_samples, ratio=ratio, method=svd, heal_rank=heal_rank),
+                     model=name)
     if not result.fits:
         given = "" if ratio is None else f"ratio {ratio} does not fit: "
         raise UserError(f"budget {budget}: {given}{result.reason}")
@@ -146,7 +148,8 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
     method = {"heal": heal, "damping": damping}
     followed = None
     if budget is not None:
-        followed = plan_for_budget(model_path, budget, config, ratio, max_samples, svd, dtype)
+        followed = plan_for_budget(model_path, budget, config, ratio, max_samples, svd, dtype,
+                                   heal.rank if heal is not None else 0)
         build_args = followed.build_kwargs()
         config = replace(config, **followed.train_kwargs())
         if progress:
@@ -242,7 +245,8 @@ def _run_stages(model_path: Path, data, output_dir: Path, settings: dict, build_
         summary["memory_plan"] = plan_record(followed)
     if evaluate_original and eval_examples:
         summary["original_eval"] = _original_eval(
-            model_path, {"before": None, **({"uncorrected": LoraAdapter.load(train_dir / ADAPTER_DIR)} if correct else {}),
+            model_path, {"before": None,
+                         **({"uncorrected": LoraAdapter.load(train_dir / ADAPTER_DIR)} if correct else {}),
                          "after": LoraAdapter.load(corrected_dir)},
             eval_examples, config, pad_id, device, dtype)
     atomic_write_text(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2))

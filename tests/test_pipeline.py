@@ -174,7 +174,8 @@ def test_budget_run_follows_the_plan_and_its_training_peak(budget_inputs, tmp_pa
     assert not plan(model, BUDGET, seq_len=128, batch=2, lora_r=4, samples=4, ratio=planned["ratio"] + 0.001).fits
     # the settings the code actually ran with are the plan's (and not the defaults: 4 samples, 1024 tokens)
     assert settings["calibration_micro_batch"] != 4 and settings["lm_head_chunk"] < 2 * 128
-    assert used["calibration_batches"] == [settings["calibration_micro_batch"]] * (4 // settings["calibration_micro_batch"])
+    micro = settings["calibration_micro_batch"]
+    assert used["calibration_batches"] == [micro] * (4 // micro)
     # only target positions reach the LM head (text data: all but the last of each row); the plan counts all
     assert used["chunks"] and all(chunk == (2 * 127, settings["lm_head_chunk"]) for chunk in used["chunks"])
     assert used["embedding_on_device"] == [False] == [settings["embeddings_on_device"]]

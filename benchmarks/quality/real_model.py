@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import transformers
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from run import machine  # noqa: E402
 from tasks import TASKS, make_splits, write_jsonl  # noqa: E402
 
 import emloc  # noqa: E402
@@ -55,13 +55,6 @@ DEFAULT_VARIANTS = ("paper", "healed")
 # How the emulator's adapter goes onto the original: as trained, or through the paper's correction.
 CORRECTIONS = {"uncorrected": None, "corrected": 3.0}
 MAX_LENGTH = 64
-
-
-def machine() -> str:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores"
-    return (f"{device}, torch {torch.__version__} with {torch.get_num_threads()} threads, "
-            f"Python {platform.python_version()}")
 
 
 class Bench:
@@ -199,37 +192,50 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+LABELS = {("paper", "corrected"): "paper: corrected (the paper's method)",
+          ("healed", "uncorrected"): "healed: uncorrected (emloc's default)"}
+
+
+def _row(task: str, ratio: float, method: str, values: list[float], zero: float, gain: float, peak=None,
+         seconds=None) -> dict:
+    mean, std = _mean_std(values)
+    return {"task": task, "ratio": ratio, "method": method, "mean": mean, "std": std, "seeds": len(values),
+            "kept": 100 * (mean - zero) / gain if gain > 0 else float("nan"), "peak_bytes": peak, "seconds": seconds}
+
+
+def task_rows(runs: list[dict], task: str, args) -> list[dict]:
+    """The table rows of one task: mean and spread over seeds, and the share of the ceiling's gain kept."""
+    mine = [r for r in runs if r["task"] == task]
+    zero = next(r["eval_exact_match"] for r in mine if r.get("row") == "zero-shot")
+    originals = [r for r in mine if r.get("row") == "LoRA on original"]
+    ceiling = [r["eval_exact_match"] for r in originals]
+    gain = statistics.fmean(ceiling) - zero
+    rows = [_row(task, 1.0, "zero-shot", [zero], zero, gain),
+            _row(task, 1.0, "LoRA on original (ceiling)", ceiling, zero, gain, max(r["peak_bytes"] for r in originals),
+                 statistics.median(r["seconds"] for r in originals))]
+    for ratio in args.ratios:
+        for variant in args.variants:
+            trained = [r for r in mine if r.get("variant") == variant and r["ratio"] == ratio]
+            if not trained:
+                continue
+            peak = max(r["peak_bytes"] for r in trained)
+            seconds = statistics.median(r["seconds"] for r in trained)
+            for label in ("on emulator", *CORRECTIONS):
+                rows.append(_row(task, ratio, LABELS.get((variant, label), f"{variant}: {label}"),
+                                 [r["scores"][label] for r in trained], zero, gain, peak, seconds))
+    return rows
+
+
 def summarize(runs: list[dict], args) -> tuple[str, list[dict]]:
     """The Markdown tables (one per task) and the flat rows behind them."""
     rows, lines = [], []
     for task in args.tasks:
         mine = [r for r in runs if r["task"] == task]
-        zero = next(r["eval_exact_match"] for r in mine if r.get("row") == "zero-shot")
-        ceiling = [r["eval_exact_match"] for r in mine if r.get("row") == "LoRA on original"]
-        gain = statistics.fmean(ceiling) - zero
-
-        def add(ratio, method, values, peak=None, seconds=None):
-            mean, std = _mean_std(values)
-            kept = 100 * (mean - zero) / gain if gain > 0 else float("nan")
-            rows.append({"task": task, "ratio": ratio, "method": method, "mean": mean, "std": std, "seeds": len(values),
-                         "kept": kept, "peak_bytes": peak, "seconds": seconds})
-
-        add(1.0, "zero-shot", [zero])
-        originals = [r for r in mine if r.get("row") == "LoRA on original"]
-        add(1.0, "LoRA on original (ceiling)", ceiling, max(r["peak_bytes"] for r in originals),
-            statistics.median(r["seconds"] for r in originals))
-        for ratio in args.ratios:
-            for variant in args.variants:
-                trained = [r for r in mine if r.get("variant") == variant and r["ratio"] == ratio]
-                if not trained:
-                    continue
-                peak = max(r["peak_bytes"] for r in trained)
-                seconds = statistics.median(r["seconds"] for r in trained)
-                for label in ("on emulator", *CORRECTIONS):
-                    add(ratio, f"{variant}: {label}", [r["scores"][label] for r in trained], peak, seconds)
+        found = task_rows(runs, task, args)
+        rows += found
         lines += [f"### {task}", "", "| ratio | method | exact match (%) | % of gain kept | seeds | "
                   "peak step memory (MiB) | wall (s) |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
-        for row in (r for r in rows if r["task"] == task):
+        for row in found:
             peak = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:.0f}"
             wall = "-" if row["seconds"] is None else f"{row['seconds']:.0f}"
             lines.append(f"| {row['ratio']:g} | {row['method']} | {100 * row['mean']:.1f} ± {100 * row['std']:.1f} | "
@@ -238,8 +244,8 @@ def summarize(runs: list[dict], args) -> tuple[str, list[dict]]:
                   "| ratio | emulator | parameters (share of original) | loss | KL to original | build (s) |",
                   "| ---: | --- | ---: | ---: | ---: | ---: |"]
         for r in (r for r in mine if str(r.get("row", "")).endswith("emulator fidelity")):
-            lines.append(f"| {r['ratio']:g} | {r['row'].split(':')[0]} | {r['parameters']:,} ({r['linear_share']:.2f}) | "
-                         f"{r['loss']:.3f} | {r['kl']:.3f} | {r['seconds']:.0f} |")
+            lines.append(f"| {r['ratio']:g} | {r['row'].split(':')[0]} | {r['parameters']:,} "
+                         f"({r['linear_share']:.2f}) | {r['loss']:.3f} | {r['kl']:.3f} | {r['seconds']:.0f} |")
         lines.append("")
     return "\n".join(lines), rows
 
@@ -251,7 +257,7 @@ def plot(rows: list[dict], path: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(args.tasks), figsize=(6 * len(args.tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], args.tasks):
+    for ax, task in zip(axes[0], args.tasks, strict=True):
         mine = [r for r in rows if r["task"] == task]
         zero = next(r["mean"] for r in mine if r["method"] == "zero-shot")
         ceiling = next(r["mean"] for r in mine if r["method"].startswith("LoRA on original"))

@@ -22,7 +22,8 @@ HERE = Path(__file__).resolve().parent
 
 def machine() -> str:
     """One line naming the hardware and software the numbers come from."""
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    cpu = f"CPU ({platform.processor() or platform.machine()})"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
     return (f"{device}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
             f"Python {platform.python_version()}, {platform.system()}")
 
@@ -69,12 +70,14 @@ def main() -> int:
         "Diagnosis (seed 0): divergence of the original model, with each adapter, from the fine-tuned emulator on "
         "the test answers (mean KL in nats per answer token; agreement of the most likely token), and the "
         "correction's size relative to the trained update ||s B A||.", "",
-        "| ratio | correction size | KL no adapter | KL uncorrected | KL corrected | agree uncorrected | agree corrected |",
+        "| ratio | correction size | KL no adapter | KL uncorrected | KL corrected | agree uncorrected | "
+        "agree corrected |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for ratio, d in diagnoses.items():
-        lines.append(f"| {ratio:g} | {d['correction_size']:.3f} | {d['kl no adapter']:.3f} | {d['kl uncorrected']:.3f} | "
-                     f"{d['kl corrected']:.3f} | {100 * d['agree uncorrected']:.1f}% | {100 * d['agree corrected']:.1f}% |")
+        lines.append(f"| {ratio:g} | {d['correction_size']:.3f} | {d['kl no adapter']:.3f} | "
+                     f"{d['kl uncorrected']:.3f} | {d['kl corrected']:.3f} | {100 * d['agree uncorrected']:.1f}% | "
+                     f"{100 * d['agree corrected']:.1f}% |")
     args.output.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

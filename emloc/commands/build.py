@@ -74,8 +74,9 @@ def summary(report: dict) -> str:
 def _planned(args, dtype) -> dict:
     """Arguments of the build from the memory plan within ``--budget`` (the ratio unless given)."""
     ratio = _compression(args) if args.ratio is not None or args.compress else None
+    heal = heal_config(args)
     followed = plan_for_budget(args.model_dir, args.budget, TrainConfig(max_length=args.max_length), ratio,
-                               args.samples, args.svd, dtype)
+                               args.samples, args.svd, dtype, heal.rank if heal is not None else 0)
     print(followed.table())
     return followed.build_kwargs()
 

@@ -6,7 +6,8 @@ import argparse
 import json
 
 from ..memory import plan, reference_configs
-from . import positive_int
+from ..memory.planner import DEFAULT_HEAL_RANK
+from . import natural_int, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -21,6 +22,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--batch", type=positive_int, default=1, help="training micro-batch (default 1)")
     parser.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank on every decoder linear (default 8)")
     parser.add_argument("--samples", type=positive_int, default=64, help="calibration samples (default 64)")
+    parser.add_argument("--heal-rank", type=natural_int, default=DEFAULT_HEAL_RANK,
+                        help="heal adapter rank of the build (default %(default)s, as `emloc build`; 0: no healing)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--ratio", type=float, help="plan this compression ratio instead of searching")
     target.add_argument("--emulator-params", help="plan the smallest ratio giving this many parameters (e.g. 5B)")
@@ -38,7 +41,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     result = plan(args.model, args.budget, args.seq_len, args.batch, args.lora_r, args.samples, ratio=args.ratio,
                   emulator_params=args.emulator_params, vision=args.vision, method=args.method,
-                  embeddings_on_device=args.embeddings_on_device)
+                  embeddings_on_device=args.embeddings_on_device, heal_rank=args.heal_rank)
     checked = None
     if args.dry_run:
         from ..memory.dry_run import verify

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     config = train_config(args, args.out)
     if args.budget is not None:
         followed = plan_for_budget(args.emulator, args.budget, config, _emulator_ratio(args.emulator),
-                                   dtype=DTYPES.get(args.dtype))
+                                   dtype=DTYPES.get(args.dtype), heal_rank=0)  # the emulator is built
         print(followed.table())
         config = dataclasses.replace(config, **followed.train_kwargs())
     # rank 0 writes --out: it takes the lock before the emulator loads, so a second run fails at once

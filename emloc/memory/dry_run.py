@@ -62,7 +62,7 @@ def _emulate(model: nn.Module, ratio: float) -> None:
     if plans is None:
         return
     _, stack = emulator.models.block_stack(model)
-    for block, plan in zip(stack, plans):
+    for block, plan in zip(stack, plans, strict=True):
         emulator.emulate_block(block, plan)
 
 

@@ -81,7 +81,7 @@ def _emulated_params(linear: Linear, ratio: float | None) -> int:
 
 def stack_params(stack: BlockStack, ratio: float | None) -> int:
     """Parameters of ``stack`` with its linears compressed at ``ratio`` (None: dense)."""
-    return stack.blocks * (sum(_emulated_params(l, ratio) for l in stack.linears) + stack.other_params)
+    return stack.blocks * (sum(_emulated_params(linear, ratio) for linear in stack.linears) + stack.other_params)
 
 
 def emulator_params(spec: ModelSpec, s: Settings) -> int:
@@ -96,13 +96,14 @@ def vision_params(spec: ModelSpec, s: Settings) -> int:
     v = spec.vision
     if v is None:
         return 0
-    projector = sum(l.params for l in v.projector) + v.projector_other_params
+    projector = sum(linear.params for linear in v.projector) + v.projector_other_params
     return stack_params(v.stack, s.ratio if s.compress_vision else None) + v.embedding_params + projector
 
 
 def lora_params(spec: ModelSpec, r: int) -> int:
     """Trainable LoRA parameters: rank ``r`` on every decoder linear (the vision tower stays frozen)."""
-    return spec.language.blocks * sum(r * (l.in_features + l.out_features) for l in spec.language.linears)
+    per_block = sum(r * (linear.in_features + linear.out_features) for linear in spec.language.linears)
+    return spec.language.blocks * per_block
 
 
 def image_tiles(spec: ModelSpec, s: Settings) -> int:
@@ -122,9 +123,9 @@ def _covariance_sizes(stack: BlockStack, ratio: float) -> list[int]:
     the whitened route (``out >= in``), an output covariance per linear on the output route (``out < in``)."""
     sizes = []
     for members in stack.groups.values():
-        compressed = [l for l in members if rank(ratio, l) is not None]
-        sizes += [l.out_features for l in compressed if l.out_features < l.in_features]
-        if any(l.out_features >= l.in_features for l in compressed):
+        compressed = [linear for linear in members if rank(ratio, linear) is not None]
+        sizes += [linear.out_features for linear in compressed if linear.out_features < linear.in_features]
+        if any(linear.out_features >= linear.in_features for linear in compressed):
             sizes.append(members[0].in_features)
     return sizes
 
@@ -173,14 +174,14 @@ def construction(spec: ModelSpec, s: Settings, language_only: bool = False) -> S
     B = spec.dtype_bytes
     best = StageMemory("construction")
     for stack in stacks:
-        ranked = [(l, rank(s.ratio, l)) for l in stack.linears]
-        ranked = [(l, r) for l, r in ranked if r is not None]
+        ranked = [(linear, rank(s.ratio, linear)) for linear in stack.linears]
+        ranked = [(linear, r) for linear, r in ranked if r is not None]
         tokens = _stack_tokens(spec, stack, s)
         device = {
             "weights": stack.block_params * B,
             "covariances": sum(FP32 * n * n for n in _covariance_sizes(stack, s.ratio)),
             "activations": _calibration_activation_bytes(stack, s.calibration_micro_batch * tokens, B),
-            "decomposition": max((decomposition_bytes(l, r, s.method) for l, r in ranked), default=0),
+            "decomposition": max((decomposition_bytes(linear, r, s.method) for linear, r in ranked), default=0),
         }
         host = {"activations": 2 * s.samples * tokens * stack.hidden * B, "weights": stack.block_params * B}
         # calibration, then factorisation: never at the same time
@@ -261,7 +262,7 @@ def healing(spec: ModelSpec, s: Settings) -> StageMemory:
 
 
 def _largest(spec: ModelSpec) -> Linear:
-    return max(spec.language.linears, key=lambda l: l.in_features * l.out_features)
+    return max(spec.language.linears, key=lambda linear: linear.in_features * linear.out_features)
 
 
 def correction(spec: ModelSpec, s: Settings) -> StageMemory:

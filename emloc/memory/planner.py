@@ -153,7 +153,8 @@ def _ranks(spec: ModelSpec, s: Settings) -> dict[str, dict[str, int | None]]:
     out = {}
     for stack in stacks:
         compress = stack is spec.language or s.compress_vision
-        out[stack.name] = {l.name: (estimate.rank(s.ratio, l) if compress else None) for l in stack.linears}
+        out[stack.name] = {linear.name: (estimate.rank(s.ratio, linear) if compress else None)
+                           for linear in stack.linears}
     return out
 
 
@@ -212,7 +213,8 @@ def _ratio_for_params(spec: ModelSpec, s: Settings, target: int) -> float:
                          f"({estimate.emulator_params(spec, replace(s, ratio=1.0)) / 1e9:.2f}B at ratio 1)")
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if estimate.emulator_params(spec, replace(s, ratio=mid * _RATIO_STEP)) >= target else (mid, hi)
+        enough = estimate.emulator_params(spec, replace(s, ratio=mid * _RATIO_STEP)) >= target
+        lo, hi = (lo, mid) if enough else (mid, hi)
     return hi * _RATIO_STEP
 
 

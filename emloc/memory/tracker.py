@@ -1,14 +1,16 @@
 """Peak live bytes on one device, counted from tensor storages as the code that runs allocates them.
 
 :class:`LiveBytesTracker` is a ``TorchDispatchMode``: every op's outputs on the tracked device are counted
-once per storage (outputs that alias an input, views and in-place results, allocate nothing), and uncounted when the storage dies (a finalizer on the storage object, which torch keeps
-alive as long as any tensor, view or autograd saved variable holds the storage). Tensors made before the
+once per storage (outputs that alias an input, views and in-place results, allocate nothing), and uncounted
+when the storage dies (a finalizer on the storage object, which torch keeps alive as long as any tensor, view
+or autograd saved variable holds the storage). Tensors made before the
 tracker starts (parameters, inputs) are counted with :meth:`LiveBytesTracker.adopt`. It works the same on
 meta tensors (a full-size dry run that allocates nothing) and on real ones.
 
 Temporaries an op allocates and frees inside its own kernel are not seen (on a tiny CPU training step they
-are about 8% of the peak). Library workspace that never becomes a tensor (the eigensolver's and the SVD's scratch space) is added while
-its op runs, from :func:`linalg_workspace_bytes`, the one model of it the analytic plan uses too.
+are about 8% of the peak). Library workspace that never becomes a tensor (the eigensolver's and the SVD's
+scratch space) is added while its op runs, from :func:`linalg_workspace_bytes`, the one model of it the
+analytic plan uses too.
 """
 from __future__ import annotations
 
