@@ -6,6 +6,8 @@ compute device. Nothing is allocated; a 38B model runs in seconds.
   and :func:`emloc.emulator.compress_block` with the planned ranks;
 * training: the whole emulator (planned ranks, LoRA from :func:`emloc.lora.add_lora`, gradient
   checkpointing), one step of :class:`emloc.training.CausalLMLoss` (chunked LM head) with AdamW;
+* healing: the whole emulator with the heal adapter of :func:`emloc.healing.add_heal_adapter`, one step of
+  :func:`emloc.healing.heal_loss` (chunked KL) on one sample with AdamW;
 * correction: :func:`emloc.correction.correct_layer` on the largest linear;
 * export: merging the corrected LoRA into the largest linear, as a merged-weights export does shard by shard.
 
@@ -93,6 +95,40 @@ def measure_construction(config: dict, ratio: float, seq_len: int, micro_batch: 
     return tracker.peak
 
 
+def _optimizer_after_one_step(parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW over ``parameters`` after one (zero-gradient) step, so its state exists as in every later step."""
+    optimizer = torch.optim.AdamW(parameters)
+    for p in parameters:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def _step_peak(model: nn.Module, parameters: list[nn.Parameter], embeddings_on_device: bool,
+               extra_weight_bytes: int, loss_of_one_micro_batch) -> int:
+    """Peak device bytes of one optimizer step: forward and backward of ``loss_of_one_micro_batch()``,
+    clipping and AdamW, with the model (less an input embedding kept on the host) and the optimizer state
+    resident. ``extra_weight_bytes`` adds frozen weights outside the language model (a vision tower)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = _optimizer_after_one_step(parameters)
+    # the input embedding is only looked up: unless it doubles as the LM head, it stays on the host
+    host = training.host_embedding(model, embeddings_on_device)
+    resident = [t for t in [*model.parameters(), *model.buffers()] if host is None or t is not host.weight]
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    with LiveBytesTracker("meta") as tracker:
+        tracker.adopt([*resident, *state])
+        tracker.live += extra_weight_bytes
+        loss = loss_of_one_micro_batch()
+        loss.backward()
+        del loss
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return tracker.peak
+
+
 def measure_training(config: dict, ratio: float, seq_len: int, batch: int, lora_r: int, lm_head_chunk: int,
                      embeddings_on_device: bool, extra_weight_bytes: int = 0,
                      dtype: torch.dtype = torch.bfloat16) -> int:
@@ -103,31 +139,13 @@ def measure_training(config: dict, ratio: float, seq_len: int, batch: int, lora_
     model = _meta_model(_language_config(config), dtype)
     _emulate(model, ratio)
     lora.add_lora(model, r=lora_r)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    parameters = lora.lora_parameters(model)
-    optimizer = torch.optim.AdamW(parameters)
-    for p in parameters:  # one step beforehand, so the optimizer state exists as in every later step
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    # the input embedding is only looked up: unless it doubles as the LM head, training keeps it on the host
-    host = training.host_embedding(model, embeddings_on_device)
-    resident = [t for t in [*model.parameters(), *model.buffers()] if host is None or t is not host.weight]
-    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     loss_module = training.CausalLMLoss(model, lm_head_chunk)
-    with LiveBytesTracker("meta") as tracker:
-        tracker.adopt([*resident, *state])
-        tracker.live += extra_weight_bytes
-        batch_tensors = _tokens(batch, seq_len)
-        loss, _ = loss_module(batch_tensors["input_ids"], batch_tensors["attention_mask"], batch_tensors["labels"],
-                              float(batch * seq_len))
-        loss.backward()
-        del loss
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return tracker.peak
+
+    def loss():
+        tokens = _tokens(batch, seq_len)
+        return loss_module(tokens["input_ids"], tokens["attention_mask"], tokens["labels"], float(batch * seq_len))[0]
+
+    return _step_peak(model, lora.lora_parameters(model), embeddings_on_device, extra_weight_bytes, loss)
 
 
 def measure_healing(config: dict, ratio: float, seq_len: int, heal_rank: int, lm_head_chunk: int,
@@ -140,29 +158,15 @@ def measure_healing(config: dict, ratio: float, seq_len: int, heal_rank: int, lm
     ranks = {name: healing.heal_rank(healing.HealConfig(rank=heal_rank), module.rank)
              for name, module in model.named_modules() if isinstance(module, EmulatorLinear)}
     parameters = healing.add_heal_adapter(model, {name: rank for name, rank in ranks.items() if rank})
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    optimizer = torch.optim.AdamW(parameters)
-    for p in parameters:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    host = training.host_embedding(model, on_device=False)  # healing keeps it on the host, as training does
-    resident = [t for t in [*model.parameters(), *model.buffers()] if host is None or t is not host.weight]
-    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    with LiveBytesTracker("meta") as tracker:
-        tracker.adopt([*resident, *state])
-        tracker.live += extra_weight_bytes
-        tokens = _tokens(estimate.HEAL_MICRO_BATCH, seq_len)
-        teacher = torch.empty(estimate.HEAL_MICRO_BATCH, seq_len, model.config.hidden_size, dtype=dtype, device="meta")
-        loss = healing.heal_loss(model, tokens["input_ids"], tokens["attention_mask"], teacher, float(seq_len),
+    samples, hidden = estimate.HEAL_MICRO_BATCH, model.config.hidden_size
+
+    def loss():
+        tokens = _tokens(samples, seq_len)
+        teacher = torch.empty(samples, seq_len, hidden, dtype=dtype, device="meta")
+        return healing.heal_loss(model, tokens["input_ids"], tokens["attention_mask"], teacher, float(seq_len),
                                  lm_head_chunk)
-        loss.backward()
-        del loss
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return tracker.peak
+
+    return _step_peak(model, parameters, False, extra_weight_bytes, loss)
 
 
 def _largest_linear(config: dict) -> tuple[int, int]:
