@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from emloc.ranks import compressed_rank  # the ranks the build picks (the reference is the algorithm)
+
 EIGEN_CLAMP = 1e-7  # relative to trace(C) / n, as in the reference implementation
 
 
@@ -33,15 +35,6 @@ class LowRank:
     bias: Tensor | None
     weight: Tensor  # (m, n), the original
     covariance: Tensor  # (n, n), X^T X over the calibration tokens
-
-
-def lowrank_rank(ratio: float, out_features: int, in_features: int) -> int | None:
-    """``r = floor(ratio * m n / (m + n))`` (docs/design.md §1.5), or None where a rank-r pair would not save
-    parameters."""
-    rank = int(ratio * out_features * in_features // (out_features + in_features))
-    if rank < 1 or rank * (out_features + in_features) >= out_features * in_features:
-        return None
-    return rank
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -120,7 +113,7 @@ def baseline_build(model_path: str | os.PathLike, batches: Iterable[tuple[Tensor
     covariances = input_covariances(model, linears, batches)
     factors = {}
     for name, linear in linears.items():
-        rank = lowrank_rank(ratio, linear.out_features, linear.in_features)
+        rank = compressed_rank(ratio, linear.out_features, linear.in_features)
         if rank is None:
             continue
         weight = linear.weight.detach()

@@ -1,6 +1,8 @@
 """Layer shapes and workload sizes shared by the kernel benchmarks and the cost model."""
 from __future__ import annotations
 
+from emloc.ranks import compressed_rank
+
 # Decoder-layer linears of three model classes, name -> (out, in, input group). Linears of one group read
 # the same input and share its covariance. 7B: Llama-2-7B (hidden 4096, MLP 11008); 8B: Llama-3-8B (MLP
 # 14336, grouped-query k/v of 1024 outputs); 32B: Qwen2.5-32B (hidden 5120, MLP 27648, k/v of 1024 outputs).
@@ -38,5 +40,5 @@ LM_HEAD_CHUNK = 1024  # rows per LM-head block of the chunked loss (TrainConfig.
 
 
 def emulator_rank(out_features: int, in_features: int) -> int:
-    """``r = floor(ratio m n / (m + n))`` (docs/design.md §1.5)."""
-    return max(1, int(RATIO * out_features * in_features // (out_features + in_features)))
+    """The build's rank at :data:`RATIO` (every benchmarked layer is compressed at it)."""
+    return compressed_rank(RATIO, out_features, in_features)

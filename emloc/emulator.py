@@ -43,6 +43,7 @@ from .errors import EmlocWarning, UserError, check_int, check_ratio
 from .healing import HealConfig, heal_rank
 from .layers import EmulatorLinear
 from .locking import holds_output_lock
+from .ranks import compressed_rank
 from .streaming import CheckpointIndex, atomic_write, file_sha256, key_mapping, materialize, release
 
 __all__ = [
@@ -79,8 +80,8 @@ class BuildError(UserError):
 @dataclass(frozen=True)
 class LinearPlan:
     """How one linear of a block is compressed: ``rank`` of its activation-aware factors, the exact route taken
-    (docs/design.md §1.3 / §1.4): ``"output"`` (output covariance, ``out < in``) or ``"input"`` (whitened SVD), and the
-    ``heal_rank`` that healing adds (:mod:`emloc.healing`; the ratio's rank budget is ``rank + heal_rank``)."""
+    (docs/design.md §1.3 / §1.4): ``"output"`` (output covariance, ``out < in``) or ``"input"`` (whitened
+    SVD), and ``heal_rank``, how many of those directions healing retrains (:mod:`emloc.healing`)."""
 
     name: str
     out_features: int
@@ -91,12 +92,6 @@ class LinearPlan:
     @property
     def form(self) -> str:
         return "output" if self.out_features < self.in_features else "input"
-
-
-def _rank(ratio: float, m: int, n: int) -> int | None:
-    """``floor(ratio m n / (m + n))``, or None when that rank would not save parameters."""
-    rank = max(1, math.floor(ratio * m * n / (m + n)))
-    return rank if rank * (m + n) < m * n else None
 
 
 def _check_ratio(ratio, what: str) -> float:
@@ -139,10 +134,10 @@ def plan_compression(model: nn.Module, compression: Compression,
                 if pattern is not None:
                     used.add(pattern.pattern)
                 linear = block.get_submodule(local)
-                rank = None if ratio is None else _rank(ratio, linear.out_features, linear.in_features)
+                rank = None if ratio is None else compressed_rank(ratio, linear.out_features, linear.in_features)
                 if rank is not None:
-                    extra = heal_rank(heal, rank)
-                    members.append(LinearPlan(local, linear.out_features, linear.in_features, rank - extra, extra))
+                    members.append(LinearPlan(local, linear.out_features, linear.in_features, rank,
+                                              heal_rank(heal, rank)))
             if members:
                 groups.append(members)
         plans.append(groups)

@@ -165,7 +165,8 @@ def heal(model: nn.Module, batches: list[CalibrationBatch], teachers: list[Tenso
 
     Returns the adapter as ``{name: (A (k, n), s B (m, k))}`` in fp32 on the host, ready for
     :func:`merge_heal`, and a report (mean per-token KL on the calibration samples before and after, the
-    step losses). The model is left without LoRA."""
+    step losses). The model is left at the reduced ranks, without the adapter: only the returned adapter,
+    merged into the saved factors, is meant to be used."""
     torch.manual_seed(config.seed)
     layers = {name: model.get_submodule(name) for name in ranks}
     parameters = add_heal_adapter(model, ranks)
@@ -209,19 +210,29 @@ def heal(model: nn.Module, batches: list[CalibrationBatch], teachers: list[Tenso
 
 
 def add_heal_adapter(model: nn.Module, ranks: dict[str, int]) -> list[nn.Parameter]:
-    """Freeze ``model`` and attach a trainable heal adapter of ``ranks[name]`` (scaling 1, fp32) to each named
-    :class:`EmulatorLinear`; returns its parameters."""
+    """Freeze ``model`` and turn the last ``ranks[name]`` directions of each named :class:`EmulatorLinear`'s
+    factors into a trainable adapter (fp32, scaling 1): ``A = V[r-k:]``, ``B = U[:, r-k:]``, the layer keeping
+    rank ``r - k``. The model computes exactly what it did until the adapter trains, and healing only moves
+    directions the activation-aware factorisation chose: an adapter started from random directions gives
+    the emulator responses in them that the original does not have. Returns the adapter's parameters."""
     model.requires_grad_(False)
     parameters = []
-    for name, rank in ranks.items():
+    for name, k in ranks.items():
         layer = model.get_submodule(name)
         if not isinstance(layer, EmulatorLinear):
             raise TypeError(f"heal: {name} is a {type(layer).__name__}, not an EmulatorLinear")
-        layer.add_lora(rank, alpha=rank, dtype=torch.float32)
+        keep = layer.rank - k
+        layer.lora_a = nn.Parameter(layer.v[keep:].detach().float().clone())
+        layer.lora_b = nn.Parameter(layer.u[:, keep:].detach().float().clone())
+        layer.u = nn.Parameter(layer.u[:, :keep].detach(), requires_grad=False)
+        layer.v = nn.Parameter(layer.v[:keep].detach(), requires_grad=False)
+        layer.rank, layer.lora_scaling, layer.lora_dropout = keep, 1.0, 0.0
         parameters += [layer.lora_a, layer.lora_b]
     return parameters
 
 
 def merge_heal(u: Tensor, v: Tensor, a: Tensor, sb: Tensor) -> tuple[Tensor, Tensor]:
-    """Factors of ``U V + (s B) A`` of rank ``r + k``: ``U' = [U, s B]``, ``V' = [V; A]`` in the factors' dtype."""
-    return torch.cat([u, sb.to(u.dtype)], dim=1), torch.cat([v, a.to(v.dtype)], dim=0)
+    """The factors with their last ``k = len(a)`` directions replaced by the trained heal adapter:
+    ``U' = [U[:, :r-k], s B]``, ``V' = [V[:r-k]; A]`` in the factors' dtype (rank unchanged)."""
+    keep = u.shape[1] - a.shape[0]
+    return torch.cat([u[:, :keep], sb.to(u.dtype)], dim=1), torch.cat([v[:keep], a.to(v.dtype)], dim=0)

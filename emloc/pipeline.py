@@ -38,7 +38,8 @@ from .training import ADAPTER_DIR, REPORT_FILE, TrainConfig, evaluate, train
 STATE_FILE = "run_state.json"
 SUMMARY_FILE = "summary.json"
 DEFAULT_RATIO = 0.4
-DEFAULT_HEAL = HealConfig()  # emloc's default build heals the emulator (docs/quality.md has the measurements)
+# Healing is opt-in: on the real-model benchmark it made the transfer erratic (docs/quality.md).
+DEFAULT_HEAL: HealConfig | None = None
 CORRECTIONS = ("none", "paper")
 
 
@@ -49,7 +50,7 @@ def _recorded(config: TrainConfig) -> dict:
 
 def plan_for_budget(model_dir: str | os.PathLike, budget: str | int, config: TrainConfig,
                     ratio: float | dict | None = None, max_samples: int = 64, svd: str = "exact",
-                    dtype: torch.dtype | None = None, heal_rank: int = DEFAULT_HEAL.rank) -> Plan:
+                    dtype: torch.dtype | None = None, heal_rank: int = 0) -> Plan:
     """The memory plan of building and training on the model in ``model_dir`` (its ``config.json``) within
     ``budget``: the training shape of ``config``, ``max_samples`` calibration samples, ``dtype`` weights,
     healing at ``heal_rank`` (0: none).
@@ -113,7 +114,7 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
         ratio: compression ratio (or ``{regex: ratio}``) of the emulator; default 0.4, or with ``budget`` the
             largest that fits.
         train_config: training settings (``output_dir`` is set to ``output_dir/train``).
-        heal: heal the emulator before training (docs/design.md §1.7); None builds it unhealed.
+        heal: heal the emulator before training (docs/design.md §1.7); None (the default) builds it unhealed.
         damping: covariance damping of the factorisation (:func:`emloc.build_emulator`).
         correction: ``"none"`` exports the adapter as trained on the emulator, ``"paper"`` after the paper's
             correction (:func:`emloc.correct_lora`). The default follows the real-model benchmark, where the

@@ -14,10 +14,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from checkpoints import make_checkpoint
+from emloc.ranks import compressed_rank
 from utils import assert_close
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from baseline_build import baseline_build, block_linears, lowrank_rank  # noqa: E402
+from baseline_build import baseline_build, block_linears  # noqa: E402
 from build_workload import Workload, emulator_factors, product_error, run_baseline, run_ours  # noqa: E402
 
 RATIO = 0.4
@@ -68,9 +69,10 @@ def tiny_model(tmp_path_factory):
 
 
 def test_rank_rule():
-    assert lowrank_rank(0.4, 64, 64) == 12  # floor(0.4 * 64 * 64 / 128)
-    assert lowrank_rank(0.5, 100, 48) == 16
-    assert lowrank_rank(1.0, 64, 64) is None  # a rank-32 pair of 64 x 64 saves nothing
+    assert compressed_rank(0.4, 64, 64) == 12  # floor(0.4 * 64 * 64 / 128)
+    assert compressed_rank(0.5, 100, 48) == 16
+    assert compressed_rank(1.0, 64, 64) is None  # a rank-32 pair of 64 x 64 saves nothing
+    assert compressed_rank(0.001, 64, 64) == 1  # the smallest ratios keep one direction
 
 
 def test_baseline_matches_float64_optimum(tiny_model, seed):
@@ -86,7 +88,7 @@ def test_baseline_matches_float64_optimum(tiny_model, seed):
     assert set(factors) == set(linears) and len(factors) == 14
     for name, linear in linears.items():
         weight, x = linear.weight.detach(), inputs[name]
-        rank = lowrank_rank(RATIO, *weight.shape)
+        rank = compressed_rank(RATIO, *weight.shape)
         best, minimum = optimum(weight, x, rank)
         built = factors[name].u.double() @ factors[name].v.double()
         assert factors[name].u.shape == (weight.shape[0], rank) and factors[name].v.shape == (rank, weight.shape[1])

@@ -9,7 +9,7 @@ import emloc
 from checkpoints import make_chat_data, make_checkpoint
 from emloc import emulator as build_module
 from emloc.emulator import BuildError, build_emulator, load_emulator
-from emloc.healing import HealConfig, heal_rank, lm_head_kl_divergence, merge_heal
+from emloc.healing import HealConfig, add_heal_adapter, heal_rank, lm_head_kl_divergence, merge_heal
 from utils import assert_close, non_contiguous
 
 pytestmark = pytest.mark.usefixtures("torch_backend")
@@ -55,9 +55,21 @@ def test_merge_heal_adds_the_adapter_to_the_emulated_weight(dtype):
     u, v = torch.randn(m, r).to(dtype), torch.randn(r, n).to(dtype)
     a, sb = torch.randn(k, n), torch.randn(m, k)
     merged_u, merged_v = merge_heal(u, v, a, sb)
-    assert merged_u.shape == (m, r + k) and merged_v.shape == (r + k, n) and merged_u.dtype == dtype
-    expected = u.double() @ v.double() + sb.to(dtype).double() @ a.to(dtype).double()
+    assert merged_u.shape == (m, r) and merged_v.shape == (r, n) and merged_u.dtype == dtype
+    # the last k directions are replaced by the adapter, the first r - k kept
+    expected = u[:, :r - k].double() @ v[:r - k].double() + sb.to(dtype).double() @ a.to(dtype).double()
     assert_close(merged_u.double() @ merged_v.double(), expected, torch.float64, what="U' V'")
+
+
+def test_heal_adapter_starts_at_the_emulator_and_trains_its_tail_directions():
+    layer = emloc.EmulatorLinear.from_factors(torch.randn(9, 6), torch.randn(6, 7))
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(4, 7)
+    before = model(x)
+    parameters = add_heal_adapter(model, {"0": 2})
+    assert layer.rank == 4 and layer.u.shape == (9, 4) and [p.shape for p in parameters] == [(2, 7), (9, 2)]
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in parameters) and not layer.u.requires_grad
+    assert_close(model(x), before, torch.float32, what="emulator with its tail as adapter")
 
 
 def test_heal_rank_takes_at_most_half_the_budget():

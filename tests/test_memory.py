@@ -229,9 +229,11 @@ def test_dense_vision_tower_costs_its_weights_in_training():
 
 
 def test_nothing_fits_names_the_stage_and_its_largest_term():
-    p = plan("Qwen2.5-72B", "3GiB")
-    assert not p.fits
-    assert "nothing fits" in p.reason and "training" in p.reason and p.stage("training").dominant in p.reason
+    for heal_rank, binding in ((0, "training"), (32, "healing")):  # healing is the larger stage when it runs
+        p = plan("Qwen2.5-72B", "3GiB", heal_rank=heal_rank)
+        worst = max(p.stages, key=lambda stage: stage.device_peak)
+        assert not p.fits and worst.name == binding
+        assert "nothing fits" in p.reason and f"{binding} needs" in p.reason and worst.dominant in p.reason
 
 
 def test_planned_settings_follow_the_budget():
@@ -276,6 +278,9 @@ def test_cli_json_and_exit_status(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] and 0 < out["ratio"] < 1
     assert set(out["stages"]) == {"construction", "training", "correction", "export"}
+    assert main(["plan", "Qwen2.5-72B", "--budget", "24GiB", "--json", "--heal-rank", "32"]) == 0
+    healed = set(json.loads(capsys.readouterr().out)["stages"])
+    assert healed == {"construction", "healing", "training", "correction", "export"}
     assert out["settings"]["lm_head_chunk"] >= 16
     assert main(["plan", "Qwen2.5-72B", "--budget", "2GiB"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out

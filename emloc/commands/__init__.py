@@ -30,13 +30,15 @@ def natural_int(text: str) -> int:
 
 
 def add_heal_arguments(parser: argparse.ArgumentParser) -> None:
-    """The healing options shared by ``emloc build`` and ``emloc run`` (defaults from :class:`HealConfig`)."""
+    """The healing options shared by ``emloc build`` and ``emloc run`` (off by default; rank from
+    :class:`HealConfig`)."""
     from ..healing import HealConfig
 
     d = HealConfig()
     group = parser.add_argument_group("healing (docs/design.md §1.7)")
-    group.add_argument("--heal-steps", type=natural_int, default=d.steps,
-                       help="distillation steps healing the emulator before training (default %(default)s; 0: off)")
+    group.add_argument("--heal-steps", type=natural_int, default=0,
+                       help=f"distillation steps healing the emulator before training (default 0: off; {d.steps} "
+                            "is the tested setting)")
     group.add_argument("--heal-rank", type=positive_int, default=d.rank,
                        help="heal adapter rank per compressed linear, taken from its rank budget (default %(default)s)")
     group.add_argument("--damping", type=float, default=0.0,

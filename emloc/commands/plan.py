@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank on every decoder linear (default 8)")
     parser.add_argument("--samples", type=positive_int, default=64, help="calibration samples (default 64)")
     parser.add_argument("--heal-rank", type=natural_int, default=DEFAULT_HEAL_RANK,
-                        help="heal adapter rank of the build (default %(default)s, as `emloc build`; 0: no healing)")
+                        help="heal adapter rank when the build heals (`--heal-steps`; default 0: it does not)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--ratio", type=float, help="plan this compression ratio instead of searching")
     target.add_argument("--emulator-params", help="plan the smallest ratio giving this many parameters (e.g. 5B)")

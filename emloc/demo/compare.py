@@ -5,11 +5,10 @@ calibration, held-out test split for the score):
 
 * zero-shot original: the pretrained default model as it is;
 * LoRA on original: LoRA trained on the full model (the memory-hungry reference);
-* emulator LoRA, uncorrected: ``emloc.run`` builds the emulator as the paper does (no healing) and trains
-  LoRA on it; that adapter is put on the original model as it is;
-* EMLoC as published (corrected): the same adapter after the paper's correction, on the original model;
-* emloc default (healed): ``emloc.run`` with its defaults (healed emulator, the adapter exported as trained,
-  docs/design.md §1.7), on the original model;
+* emloc default (adapter as trained): ``emloc.run`` builds the emulator and trains LoRA on it; that adapter
+  is put on the original model as it is, which is what ``emloc run`` exports by default;
+* EMLoC as published (corrected): the same adapter after the paper's correction (``--correction paper``), on
+  the original model;
 * smaller model + LoRA: the baseline pretrained by the same recipe with about the emulator's parameter
   count, fine-tuned with LoRA.
 
@@ -39,11 +38,10 @@ from .task import TaskConfig, exact_match, make_splits, write_chat_jsonl
 
 ZERO_SHOT = "zero-shot original"
 FULL_LORA = "LoRA on original"
-UNCORRECTED = "emulator LoRA, uncorrected"
+UNCORRECTED = "emloc default (adapter as trained)"
 EMLOC = "EMLoC as published (corrected)"
-HEALED = "emloc default (healed)"
 SMALLER = "smaller model + LoRA"
-ROWS = (ZERO_SHOT, FULL_LORA, UNCORRECTED, EMLOC, HEALED, SMALLER)
+ROWS = (ZERO_SHOT, FULL_LORA, UNCORRECTED, EMLOC, SMALLER)
 
 
 @dataclass(frozen=True)
@@ -112,31 +110,27 @@ class Comparison:
         return self.score(model), training_peak_bytes(model, self.memory_batch), seconds
 
     def emloc(self, ratio: float, seed: int) -> list[Run]:
-        """``emloc.run`` at ``ratio`` as published (the adapter before and after correction) and with emloc's
-        defaults (healed emulator, adapter as trained), each adapter on the original model."""
+        """``emloc.run`` at ``ratio``; the adapter before and after correction, each on the original model."""
+        out = self.workdir / f"emloc-{ratio:g}-seed{seed}"
+        start = time.perf_counter()
+        emloc_run(self.settings.model.path, self.data, out, ratio, train_config=self.settings.train_config(seed),
+                  device="cpu", max_samples=self.settings.calibration_samples, evaluate_original=False,
+                  correction="paper", progress=False)
+        seconds = time.perf_counter() - start
+        emulator = load_emulator(out / "emulator", device="cpu")
+        LoraAdapter.load(out / "train" / ADAPTER_DIR).apply_to(emulator)
+        peak = training_peak_bytes(emulator, self.memory_batch)
         runs = []
-        for name, method, rows in (("emloc", {"heal": None, "correction": "paper"},
-                                    ((UNCORRECTED, "train/" + ADAPTER_DIR), (EMLOC, "corrected"))),
-                                   ("emloc-healed", {}, ((HEALED, "corrected"),))):
-            out = self.workdir / f"{name}-{ratio:g}-seed{seed}"
-            start = time.perf_counter()
-            emloc_run(self.settings.model.path, self.data, out, ratio, train_config=self.settings.train_config(seed),
-                      device="cpu", max_samples=self.settings.calibration_samples, evaluate_original=False,
-                      progress=False, **method)
-            seconds = time.perf_counter() - start
-            emulator = load_emulator(out / "emulator", device="cpu")
-            LoraAdapter.load(out / "train" / ADAPTER_DIR).apply_to(emulator)
-            peak = training_peak_bytes(emulator, self.memory_batch)
-            for row, adapter_dir in rows:
-                model = _load(self.settings.model.path)
-                LoraAdapter.load(out / adapter_dir).apply_to(model)
-                runs.append(Run(row, ratio, seed, self.score(model), peak, seconds))
+        for row, adapter_dir in ((UNCORRECTED, out / "train" / ADAPTER_DIR), (EMLOC, out / "corrected")):
+            model = _load(self.settings.model.path)
+            LoraAdapter.load(adapter_dir).apply_to(model)
+            runs.append(Run(row, ratio, seed, self.score(model), peak, seconds))
         return runs
 
     def run_all(self) -> list[Run]:
         """Every row, ratio and seed, in table order."""
         settings = self.settings
-        jobs = len(settings.seeds) * (1 + 2 * len(settings.ratios))  # the two emloc runs of a ratio: one job
+        jobs = len(settings.seeds) * (1 + 2 * len(settings.ratios))
         runs = self.zero_shot()
         with tqdm(total=jobs, desc="fine-tuning runs", unit="run") as bar:
             for seed in settings.seeds:

@@ -21,10 +21,11 @@ import torch
 import transformers
 from torch import nn
 
-from .. import emulator, healing, lora, training
+from .. import emulator, healing, lora, models, training
 from ..correction import correct_layer
 from ..export import merge_lora
 from ..layers import EmulatorLinear
+from ..ranks import compressed_rank
 from . import estimate
 from .spec import model_spec
 from .tracker import LiveBytesTracker
@@ -63,7 +64,7 @@ def _emulate(model: nn.Module, ratio: float) -> None:
     plans = emulator.plan_compression(model, ratio) if ratio < 1 else None
     if plans is None:
         return
-    _, stack = emulator.models.block_stack(model)
+    _, stack = models.block_stack(model)
     for block, plan in zip(stack, plans, strict=True):
         emulator.emulate_block(block, plan)
 
@@ -78,7 +79,7 @@ def measure_construction(config: dict, ratio: float, seq_len: int, micro_batch: 
     """Peak device bytes to calibrate and compress one decoder block on one micro-batch."""
     model = _meta_model(_language_config(config, layers=1), dtype)
     plan = emulator.plan_compression(model, ratio)[0]
-    _, stack = emulator.models.block_stack(model)
+    _, stack = models.block_stack(model)
     block = stack[0]
     rotary = model.model.rotary_emb
     hidden_size = model.config.hidden_size
@@ -171,7 +172,7 @@ def measure_healing(config: dict, ratio: float, seq_len: int, heal_rank: int, lm
 
 def _largest_linear(config: dict) -> tuple[int, int]:
     model = _meta_model(_language_config(config, layers=1), torch.bfloat16)
-    _, stack = emulator.models.block_stack(model)
+    _, stack = models.block_stack(model)
     linears = [m for m in stack[0].modules() if isinstance(m, nn.Linear)]
     big = max(linears, key=lambda m: m.weight.numel())
     return big.out_features, big.in_features
@@ -180,7 +181,7 @@ def _largest_linear(config: dict) -> tuple[int, int]:
 def measure_correction(config: dict, ratio: float, lora_r: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """Peak device bytes of :func:`emloc.correction.correct_layer` on the largest linear."""
     m, n = _largest_linear(config)
-    rank = emulator._rank(ratio, m, n)
+    rank = compressed_rank(ratio, m, n)
     with LiveBytesTracker("meta") as tracker:
         meta = {"device": "meta"}
         weight = torch.empty(m, n, dtype=dtype, **meta)

@@ -5,9 +5,9 @@ Every term follows what the pipeline code allocates (checked against the dry run
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from ..ranks import compressed_rank
 from .spec import BlockStack, Linear, ModelSpec
 from .tracker import eigh_workspace_bytes
 
@@ -68,9 +68,7 @@ def _not_concurrent(first: int, second: int) -> int:
 
 def rank(ratio: float, linear: Linear) -> int | None:
     """Rank kept for ``linear`` at ``ratio`` (docs/design.md §1.5), None when the layer stays dense."""
-    m, n = linear.out_features, linear.in_features
-    r = max(1, math.floor(ratio * m * n / (m + n)))
-    return r if r * (m + n) < m * n else None
+    return compressed_rank(ratio, linear.out_features, linear.in_features)
 
 
 def _emulated_params(linear: Linear, ratio: float | None) -> int:
@@ -232,6 +230,17 @@ def training(spec: ModelSpec, s: Settings) -> StageMemory:
     return StageMemory("training", device, host, _not_concurrent(block, logits))
 
 
+def heal_params(spec: ModelSpec, s: Settings) -> int:
+    """Parameters of the heal adapter: rank ``min(heal_rank, r / 2)`` on every compressed language linear
+    (:func:`emloc.healing.heal_rank`)."""
+    per_block = 0
+    for linear in spec.language.linears:
+        r = rank(s.ratio, linear)
+        if r is not None:
+            per_block += min(s.heal_rank, r // 2) * (linear.in_features + linear.out_features)
+    return spec.language.blocks * per_block
+
+
 def healing(spec: ModelSpec, s: Settings) -> StageMemory:
     """The healing step (docs/design.md §1.7): the emulator on the device (an untied embedding on the host), a heal
     adapter of rank ``heal_rank`` with fp32 AdamW state, the checkpointed pass of one sample (the heal
@@ -246,7 +255,7 @@ def healing(spec: ModelSpec, s: Settings) -> StageMemory:
     logits = KL_LOGITS * FP32 * min(s.lm_head_chunk, tokens) * spec.vocab
     device = {
         "weights": (emulator_params(spec, s) - on_host) * B,
-        "lora_optimizer": lora_params(spec, s.heal_rank) * LORA_BYTES_PER_PARAM,
+        "lora_optimizer": heal_params(spec, s) * LORA_BYTES_PER_PARAM,
         # the block checkpoints, and the final student states, teacher states and student-state gradient
         "activations": checkpoints + 3 * tokens * lm.hidden * B + block,
         "logits_loss": logits,
@@ -254,7 +263,7 @@ def healing(spec: ModelSpec, s: Settings) -> StageMemory:
     host = {"activations": s.samples * s.seq_len * lm.hidden * B, "weights": on_host * B}
     # The backward frees each block's checkpoint as it fills in that block's adapter gradients (the adapter is
     # large at rank 32): the smaller of the two never coexists with the larger.
-    gradients = lora_params(spec, s.heal_rank) * FP32
+    gradients = heal_params(spec, s) * FP32
     return StageMemory("healing", device, host, _not_concurrent(block, logits) + min(gradients, checkpoints))
 
 

@@ -6,7 +6,6 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import UserError
-from ..healing import HealConfig
 from . import estimate
 from .estimate import TERMS, Settings, StageMemory
 from .spec import ModelSpec, load_model_config, model_spec
@@ -15,7 +14,7 @@ GiB = 1 << 30
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
           "g": 1e9, "gb": 1e9, "gib": GiB, "t": 1e12, "tb": 1e12, "tib": 1 << 40}
 _MIN_RATIO = 0.005
-DEFAULT_HEAL_RANK = HealConfig().rank
+DEFAULT_HEAL_RANK = 0  # the default build does not heal (emloc.pipeline.DEFAULT_HEAL)
 _RATIO_STEP = 0.001
 
 
@@ -239,8 +238,8 @@ def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch:
         embeddings_on_device: keep the input embedding on the device in training (default: on the host).
         image_tiles: image tiles per sample for a vision model (default: as many as ``seq_len`` holds).
         lm_head_chunk, calibration_micro_batch: override the planned values.
-        heal_rank: rank of the build's heal adapter (docs/design.md §1.7; the default build heals), 0 when the
-            build does not heal.
+        heal_rank: rank of the build's heal adapter when it heals (docs/design.md §1.7, ``--heal-steps``);
+            0, the default, when it does not.
 
     Returns a :class:`Plan`; ``plan.fits`` is False with ``plan.reason`` naming the stage and its largest
     term when no ratio (or not the requested one) fits.
