@@ -303,7 +303,9 @@ def main() -> int:
     header = (f"# Real-model quality benchmark\n\nSmolLM2-135M-Instruct, {args.steps} LoRA steps of 8 examples "
               f"(r 8, alpha 16, lr {args.lr:g}), {args.samples} calibration samples, {args.train_size} train / "
               f"{args.test_size} held-out examples per task, seeds 0..{args.seeds - 1}.\nMachine: {machine()}. "
-              f"This invocation: {(time.perf_counter() - started) / 60:.1f} min.\n\n")
+              f"Wall time of every run (build and fine-tuning, added up): "
+              f"{sum(r.get('seconds', 0) for r in runs) / 60:.1f} min; this invocation "
+              f"{(time.perf_counter() - started) / 60:.1f} min.\n\n")
     (args.out / "RESULTS.md").write_text(header + table + "\n")
     (args.out / "runs.json").write_text(json.dumps({"settings": {k: str(v) if isinstance(v, Path) else v
                                                                  for k, v in vars(args).items()},
