@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ VARIANTS = {
     "damped-0.1": {"damping": 0.1},
     "damped-1": {"damping": 1.0},
     "samples-256": {"max_samples": 256},
+    "lora-r32": {"train": {"lora_r": 32, "lora_alpha": 64}},  # the emulator-side LoRA recipe (same steps, lr)
 }
 DEFAULT_VARIANTS = ("paper",)
 # How the emulator's adapter goes onto the original: as trained, or through the paper's correction.
@@ -152,7 +154,8 @@ def run_task(bench: Bench, task: str) -> None:
             build_seconds = bench.done.get(key, {}).get("seconds")
             if key not in bench.done:
                 started = time.perf_counter()
-                settings = {"max_samples": args.samples, **VARIANTS[variant]}
+                settings = {"max_samples": args.samples,
+                            **{k: v for k, v in VARIANTS[variant].items() if k != "train"}}
                 emloc.build_emulator(bench.model_dir, data, emulator_dir, ratio, max_length=MAX_LENGTH, batch_size=8,
                                      progress=False, **settings)
                 build_seconds = time.perf_counter() - started
@@ -169,8 +172,8 @@ def run_task(bench: Bench, task: str) -> None:
                 emulator = emloc.load_emulator(emulator_dir)
                 train_dir = work / f"train-{variant}-{ratio}-{seed}"
                 started = time.perf_counter()
-                result = train(emulator, data, bench.train_config(seed, train_dir), tokenizer=bench.tokenizer,
-                               eval_data=test)
+                config = replace(bench.train_config(seed, train_dir), **VARIANTS[variant].get("train", {}))
+                result = train(emulator, data, config, tokenizer=bench.tokenizer, eval_data=test)
                 seconds = time.perf_counter() - started + build_seconds
                 scores = {"on emulator": result.eval["eval_exact_match"]}
                 trained = LoraAdapter.load(result.adapter_dir)
