@@ -291,6 +291,7 @@ def main() -> int:
     parser.add_argument("--train-size", type=int, default=400)
     parser.add_argument("--test-size", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report", action="store_true", help="only write the results of the runs logged so far")
     parser.add_argument("--out", type=Path, default=HERE / "smollm2", help="results (RESULTS.md, .png, runs.json)")
     parser.add_argument("--work", type=Path, default=smollm2.cache_root() / "quality-work",
                         help="emulators, adapters and the run log (large; resumable)")
@@ -299,7 +300,7 @@ def main() -> int:
     os.environ.setdefault("EMLOC_BACKEND", "torch")  # on the CPU the reference is the fast path
     started = time.perf_counter()
     bench = Bench(args)
-    for task in args.tasks:
+    for task in args.tasks if not args.report else ():
         run_task(bench, task)
     runs = [r for r in bench.done.values() if r["task"] in args.tasks]
     table, rows = summarize(runs, args)
