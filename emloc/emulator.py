@@ -713,7 +713,7 @@ def _heal_build(output_dir: Path, source: _Source, manifest: _Manifest, plan, ba
     """Train the heal adapter (unless a saved one survives an interruption), then merge it into each block's
     shard; a block whose manifest entry says it is healed is not merged twice."""
     adapter_path = output_dir / HEAL_ADAPTER
-    if manifest.done.get(HEAL_ADAPTER_UNIT) is None or manifest.finished(HEAL_ADAPTER_UNIT) is None:
+    if manifest.finished(HEAL_ADAPTER_UNIT) is None:
         model = load_emulator(output_dir, device=source.device, dtype=dtype)
         teachers = [healing.teacher_states(model, batch, store.get(slot, "cpu")).cpu()
                     for slot, batch in enumerate(batches)]
@@ -732,15 +732,12 @@ def _heal_build(output_dir: Path, source: _Source, manifest: _Manifest, plan, ba
             continue
         path = output_dir / entry["file"]
         state = load_file(str(path))
-        modules = dict(entry["modules"])
-        for module, info in entry["modules"].items():
-            if f"{module}.a" not in saved:
-                continue
-            state[f"{module}.u"], state[f"{module}.v"] = healing.merge_heal(
-                state[f"{module}.u"], state[f"{module}.v"], saved[f"{module}.a"], saved[f"{module}.sb"])
-            modules[module] = {**info, "rank": state[f"{module}.u"].shape[1]}
+        for module in entry["modules"]:
+            if f"{module}.a" in saved:  # the merge keeps each rank: the manifest's modules stay as they are
+                state[f"{module}.u"], state[f"{module}.v"] = healing.merge_heal(
+                    state[f"{module}.u"], state[f"{module}.v"], saved[f"{module}.a"], saved[f"{module}.sb"])
         _save_tensors(path, state)
-        manifest.record(name, entry["file"], {"modules": modules, "healed": True})
+        manifest.record(name, entry["file"], {"modules": entry["modules"], "healed": True})
     manifest.record(HEAL_UNIT, HEAL_ADAPTER, {})
 
 

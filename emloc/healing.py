@@ -187,18 +187,18 @@ def heal(model: nn.Module, batches: list[CalibrationBatch], teachers: list[Tenso
             order += torch.randperm(len(batches), generator=generator).tolist()
         chosen, order = order[:per_step], order[per_step:]
         tokens = sum(int(batches[i].attention_mask.sum()) for i in chosen)
-        total = 0.0
+        total = torch.zeros(())
         for i in chosen:
             loss = heal_loss(model, batches[i].input_ids, batches[i].attention_mask, teachers[i], tokens,
                              config.lm_head_chunk)
             loss.backward()
-            total += float(loss.detach())
+            total = total + loss.detach().cpu()
         if config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(total)
+        losses.append(float(total))
     model.eval()
     kl_after = _mean_kl(model, batches, teachers, config.lm_head_chunk)
     adapter = {}

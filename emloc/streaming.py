@@ -278,16 +278,24 @@ def atomic_write(path, write) -> Path:
     path = Path(path)
     temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        write(temp)
-        os.replace(temp, path)
-    except OutputError:
-        raise
-    except (OSError, SafetensorError) as exc:
-        raise _write_failed(path, exc) from exc
+        with _failures_named(path):
+            write(temp)
+            os.replace(temp, path)
     finally:
         with contextlib.suppress(OSError):
             temp.unlink(missing_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def _failures_named(path: Path):
+    """A failed write (OS or safetensors error) becomes an :class:`~emloc.errors.OutputError` naming ``path``."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except (OSError, SafetensorError) as exc:
+        raise _write_failed(path, exc) from exc
 
 
 def atomic_write_text(path, text: str) -> Path:
@@ -313,17 +321,14 @@ def atomic_directory(path, write, holds: str) -> Path:
                             "another directory")
         temp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
         try:
-            for leftover in (temp, old):
-                shutil.rmtree(leftover, ignore_errors=True)
-            temp.mkdir(parents=True)
-            write(temp)
-            if path.exists():
-                os.replace(path, old)
-            os.replace(temp, path)
-        except OutputError:
-            raise
-        except (OSError, SafetensorError) as exc:
-            raise _write_failed(path, exc) from exc
+            with _failures_named(path):
+                for leftover in (temp, old):
+                    shutil.rmtree(leftover, ignore_errors=True)
+                temp.mkdir(parents=True)
+                write(temp)
+                if path.exists():
+                    os.replace(path, old)
+                os.replace(temp, path)
         finally:
             for leftover in (temp, old):
                 shutil.rmtree(leftover, ignore_errors=True)

@@ -151,16 +151,14 @@ class CausalLMLoss(nn.Module):
         # Position t predicts token t + 1: shift the labels, not the (large) hidden states.
         shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1).reshape(-1)
         hidden = hidden.reshape(-1, hidden.shape[-1])
-        if hidden.device.type == "meta":  # a dry run plans for every position having a target
-            loss, correct = lm_head_cross_entropy(hidden, self.model.get_output_embeddings().weight, shifted,
-                                                  normalizer, self.chunk, self.softcap, ignore_index=IGNORE)
-            return loss, correct.view_as(labels)
         # Only positions with a target reach the LM head: on chat data (short answers after long prompts) the
-        # head over every position would be most of the step. Selecting costs one host sync per micro-batch.
-        targets = (shifted != IGNORE).nonzero()[:, 0]
+        # head over every position would be most of the step. Selecting costs one host sync per micro-batch;
+        # a dry run (meta) plans for every position having a target.
+        meta = hidden.device.type == "meta"
+        targets = slice(None) if meta else (shifted != IGNORE).nonzero()[:, 0]
         loss, hit = lm_head_cross_entropy(hidden[targets], self.model.get_output_embeddings().weight,
                                           shifted[targets], normalizer, self.chunk, self.softcap, ignore_index=IGNORE)
-        correct = torch.zeros(shifted.shape, dtype=torch.bool, device=hit.device).index_copy_(0, targets, hit)
+        correct = hit if meta else torch.zeros_like(shifted, dtype=torch.bool).index_copy_(0, targets, hit)
         return loss, correct.view_as(labels)
 
 
