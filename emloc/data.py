@@ -97,6 +97,16 @@ def split_examples(examples: list[dict], eval_fraction: float, seed: int) -> tup
     return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its end-of-sequence token, else 0 (padding
+    positions carry no loss and are masked from attention, so any id in the vocabulary serves)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
 def collate(examples: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad ``examples`` into ``input_ids``, ``attention_mask`` and ``labels`` tensors (also for HF Trainer)."""
     length = max(len(e["input_ids"]) for e in examples)

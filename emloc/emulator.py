@@ -39,6 +39,7 @@ from emloc_kernels import Whitening, covariance_update, projected_lowrank, white
 
 from . import healing, hostmem, models
 from .calibration import CalibrationBatch, CalibrationError, load_texts, make_batches, tokenize_samples
+from .data import pad_token_id
 from .errors import EmlocWarning, UserError, check_int, check_ratio
 from .healing import HealConfig, heal_rank
 from .layers import EmulatorLinear
@@ -550,7 +551,7 @@ def _calibration_batches(data, tokenizer, max_samples, max_length, batch_size, s
     samples = tokenize_samples(texts, tokenizer, max_length)
     if not samples:
         raise CalibrationError(f"{data}: no calibration sample has any token")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_token_id(tokenizer)
     return make_batches(samples, batch_size, pad)
 
 

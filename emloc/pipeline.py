@@ -22,7 +22,7 @@ import transformers
 
 from . import models
 from .correction import correct_lora
-from .data import load_examples, split_examples
+from .data import load_examples, pad_token_id, split_examples
 from .emulator import REPORT as BUILD_REPORT
 from .emulator import build_emulator, load_emulator, plan_compression
 from .errors import UserError, check_float, check_int, check_ratio
@@ -209,7 +209,7 @@ def _run_stages(model_path: Path, data, output_dir: Path, settings: dict, build_
         finish("build")
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(emulator_dir)
-    pad_id = tokenizer.pad_token_id or 0
+    pad_id = pad_token_id(tokenizer)
     examples, eval_examples = split_examples(load_examples(data, tokenizer, config.max_length),
                                              config.eval_fraction, config.seed)
     if "train" not in done:

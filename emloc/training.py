@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from emloc_kernels import lm_head_cross_entropy
 
-from .data import IGNORE, collate, load_examples, split_examples, target_tokens
+from .data import IGNORE, collate, load_examples, pad_token_id, split_examples, target_tokens
 from .errors import UserError, check_float, check_int
 from .locking import output_lock
 from .lora import LoraAdapter, add_lora, lora_modules, lora_parameters
@@ -384,7 +384,7 @@ def train(model: nn.Module, data, config: TrainConfig, tokenizer=None, eval_data
 def _train(model: nn.Module, data, config: TrainConfig, tokenizer, eval_data, rank: int, world: int) -> TrainResult:
     if tokenizer is None and not isinstance(data, list):
         tokenizer = _saved_tokenizer(model)
-    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    pad_id = pad_token_id(tokenizer)
     examples = data if isinstance(data, list) else load_examples(data, tokenizer, config.max_length)
     if eval_data is None:
         examples, eval_examples = split_examples(examples, config.eval_fraction, config.seed)

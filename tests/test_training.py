@@ -321,3 +321,14 @@ def test_data_file_uses_the_tokenizer_saved_with_the_model(tiny, tmp_path):
     model.config._name_or_path = str(bare)
     with pytest.raises(ValueError, match="holds no tokenizer; pass tokenizer="):
         train(model, chat, config)
+
+
+def test_pad_token_id_falls_back_to_eos_then_zero():
+    from types import SimpleNamespace
+
+    from emloc.data import pad_token_id
+
+    assert pad_token_id(SimpleNamespace(pad_token_id=5, eos_token_id=2)) == 5
+    assert pad_token_id(SimpleNamespace(pad_token_id=0, eos_token_id=2)) == 0  # 0 is a real id, not "missing"
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0
