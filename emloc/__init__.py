@@ -1,6 +1,6 @@
 """emloc: fine-tune a model far larger than your GPU through an emulator and LoRA correction (EMLoC)."""
+from .build import build_emulator, load_emulator
 from .correction import correct_lora
-from .emulator import build_emulator, load_emulator
 from .export import export, export_adapter, merge_adapter
 from .layers import EmulatorLinear
 from .lora import LoraAdapter, add_lora

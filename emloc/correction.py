@@ -18,15 +18,15 @@ time, each read from the checkpoint shards on its own.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .build import read_emloc_section
 from .errors import UserError
 from .lora import LoraAdapter
-from .streaming import CheckpointIndex, key_mapping, read_json
+from .streaming import CheckpointIndex, key_mapping
 
 
 def orthonormalize_lora(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -87,7 +87,7 @@ def correct_lora(original_path: str | os.PathLike, emulator_path: str | os.PathL
     original, emulator = CheckpointIndex(original_path), CheckpointIndex(emulator_path)
     if check_source:
         check_emulator_source(emulator_path, original)
-    check_trained_on(adapter, emulator_section(emulator_path), emulator_path, where)
+    check_trained_on(adapter, read_emloc_section(emulator_path), emulator_path, where)
     key_of = weight_keys(adapter, original)
     corrected = {}
     for name, (a, b) in tqdm(adapter.weights.items(), desc="correcting LoRA", unit="layer", disable=not progress):
@@ -104,15 +104,6 @@ def correct_lora(original_path: str | os.PathLike, emulator_path: str | os.PathL
     extra = {**adapter.extra, "corrected": True, "clamp": clamp}
     return LoraAdapter(corrected, r=adapter.r, alpha=adapter.alpha, rslora=adapter.rslora, dropout=adapter.dropout,
                        base_model=str(original_path), extra=extra)
-
-
-def emulator_section(emulator_path: str | os.PathLike) -> dict:
-    """The ``emloc`` section of an emulator directory's config, or :class:`~emloc.errors.UserError`."""
-    config_path = Path(emulator_path) / "config.json"
-    section = read_json(config_path).get("emloc") if config_path.is_file() else None
-    if not isinstance(section, dict) or "source" not in section:
-        raise UserError(f"{emulator_path} is not an emloc emulator: {config_path} has no 'emloc' section")
-    return section
 
 
 def check_trained_on(adapter: LoraAdapter, section: dict, emulator_path, where) -> None:
@@ -135,7 +126,7 @@ def check_emulator_source(emulator_path: str | os.PathLike, original: Checkpoint
     """Raise :class:`~emloc.errors.UserError` if the emulator was not built from ``original``: the content
     hash in its ``emloc`` config (index and the bytes of every shard, :meth:`CheckpointIndex.content_hash`)
     must be the model's."""
-    section = emulator_section(emulator_path)
+    section = read_emloc_section(emulator_path)
     if "content_hash" not in section:  # the field arrived with source hashes over the shards' bytes
         raise UserError(f"{emulator_path}: built by an earlier emloc, whose record of its source covers the "
                         "layout only, not the weights; rebuild it (emloc build --overwrite) so that correction "

@@ -19,6 +19,10 @@ class OutputError(UserError, OSError):
     """Writing an output failed (full disk, read-only file system, ...); the message names the file."""
 
 
+class BuildError(UserError):
+    """The build cannot go on; the message names the option, file, block or module at fault."""
+
+
 class EmlocWarning(UserWarning):
     """Input that works but is likely to give a poor result; the command line prints it as one line."""
 

@@ -21,10 +21,10 @@ import torch
 import transformers
 
 from . import models
+from .build import REPORT as BUILD_REPORT
+from .build import build_emulator, load_emulator, plan_compression
 from .correction import correct_lora
 from .data import load_examples, pad_token_id, split_examples
-from .emulator import REPORT as BUILD_REPORT
-from .emulator import build_emulator, load_emulator, plan_compression
 from .errors import UserError, check_float, check_int, check_ratio
 from .export import export
 from .healing import HealConfig

@@ -11,9 +11,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import emloc
 from checkpoints import ARCHITECTURES, make_chat_data, make_checkpoint, make_config, make_text_data
 from emloc import models
+from emloc.build import BlockInput, BuildError, calibrate_block, compress_block, plan_compression
 from emloc.calibration import CalibrationError, load_texts, make_batches, tokenize_samples
 from emloc.cli import main
-from emloc.emulator import BlockInput, BuildError, calibrate_block, compress_block, plan_compression
 from emloc.streaming import CheckpointError
 from emloc_kernels import covariance_update
 from utils import assert_close
@@ -236,7 +236,7 @@ def test_interrupted_build_resumes_with_identical_bytes(tmp_path, monkeypatch, p
     straight = emloc.build_emulator(source, data, tmp_path / "straight", 0.4, **kwargs)
 
     calls = []
-    real = emloc.emulator.compress_block
+    real = emloc.build.builder.compress_block
 
     def crash_on_second_block(block, plan, covariances, *args, **kw):
         calls.append(len(calls))
@@ -244,14 +244,14 @@ def test_interrupted_build_resumes_with_identical_bytes(tmp_path, monkeypatch, p
             raise KeyboardInterrupt("killed")
         return real(block, plan, covariances, *args, **kw)
 
-    monkeypatch.setattr(emloc.emulator, "compress_block", crash_on_second_block)
+    monkeypatch.setattr(emloc.build.builder, "compress_block", crash_on_second_block)
     with pytest.raises(KeyboardInterrupt):
         emloc.build_emulator(source, data, tmp_path / "resumed", 0.4, **kwargs)
     manifest = json.loads((tmp_path / "resumed" / "emloc-manifest.json").read_text())
     assert sorted(manifest["done"]) == ["model.layers.0", "outer"]
     assert not (tmp_path / "resumed" / "config.json").exists()
     calls.clear()
-    monkeypatch.setattr(emloc.emulator, "compress_block", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(emloc.build.builder, "compress_block", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     resumed = emloc.build_emulator(source, data, tmp_path / "resumed", 0.4, **kwargs)
     assert len(calls) == 1, "only the unfinished block is compressed again"
     calls.clear()
@@ -357,13 +357,13 @@ def test_activations_spilled_to_disk_give_the_same_emulator(tmp_path, monkeypatc
     data = make_text_data(tmp_path / "d.jsonl", SAMPLES)
     in_memory = emloc.build_emulator(source, data, tmp_path / "memory", 0.4, **FAST)
     spilled = []
-    real_put = emloc.emulator.ActivationStore.put
+    real_put = emloc.build.activations.ActivationStore.put
 
     def put(store, slot, tensor):
         real_put(store, slot, tensor)
         spilled.append(not isinstance(store.slots[slot], torch.Tensor))
 
-    monkeypatch.setattr(emloc.emulator.ActivationStore, "put", put)
+    monkeypatch.setattr(emloc.build.activations.ActivationStore, "put", put)
     on_disk = emloc.build_emulator(source, data, tmp_path / "disk", 0.4, host_budget=1, **FAST)
     assert spilled and all(spilled), "with a 1-byte budget every activation must go to disk"
     assert not (on_disk / ".emloc-activations").exists(), "spilled activations are removed after the build"

@@ -12,7 +12,7 @@ import torch
 
 from checkpoints import make_chat_data, make_checkpoint
 from emloc import cli
-from emloc.emulator import build_emulator
+from emloc.build import build_emulator
 from emloc.lora import LoraAdapter
 from utils import assert_close
 

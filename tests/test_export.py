@@ -12,8 +12,8 @@ import transformers
 from safetensors.torch import load_file
 
 from checkpoints import make_chat_data, make_checkpoint, save_sharded
+from emloc.build import build_emulator, load_emulator
 from emloc.correction import correct_layer, correct_lora
-from emloc.emulator import build_emulator, load_emulator
 from emloc.export import export, export_adapter, merge_adapter
 from emloc.lora import LoraAdapter, add_lora, lora_modules
 from utils import assert_close

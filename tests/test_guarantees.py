@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 import emloc
 from checkpoints import make_chat_data, make_checkpoint, make_text_data, make_tokenizer
 from emloc import cli, pipeline, streaming, training
+from emloc.build import BuildError
 from emloc.calibration import CalibrationError, load_texts
 from emloc.data import DataError, load_examples
-from emloc.emulator import BuildError
 from emloc.errors import EmlocWarning, UserError
 from emloc.locking import output_lock
 from emloc.lora import LoraAdapter, lora_modules
@@ -167,7 +167,7 @@ def test_correction_refuses_the_emulator_of_a_same_layout_model(tiny, tmp_path, 
 def test_a_build_resumed_on_changed_weights_is_refused(tmp_path, monkeypatch):
     source = make_checkpoint(tmp_path / "src", "llama")
     data = make_text_data(tmp_path / "d.jsonl", 6)
-    real, calls = emloc.emulator.compress_block, []
+    real, calls = emloc.build.builder.compress_block, []
 
     def crash_on_second_block(*args, **kwargs):
         calls.append(1)
@@ -175,10 +175,10 @@ def test_a_build_resumed_on_changed_weights_is_refused(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(emloc.emulator, "compress_block", crash_on_second_block)
+    monkeypatch.setattr(emloc.build.builder, "compress_block", crash_on_second_block)
     with pytest.raises(KeyboardInterrupt):
         emloc.build_emulator(source, data, tmp_path / "emu", 0.5, **FAST)
-    monkeypatch.setattr(emloc.emulator, "compress_block", real)
+    monkeypatch.setattr(emloc.build.builder, "compress_block", real)
     _rewrite_values(source / "model-00002-of-00002.safetensors")
     with pytest.raises(BuildError, match=r"other settings \(source\)"):
         emloc.build_emulator(source, data, tmp_path / "emu", 0.5, **FAST)
@@ -271,14 +271,14 @@ def test_a_second_writer_fails_at_once_naming_the_holder(tiny, tmp_path, capsys,
 
 def test_two_builds_into_one_directory_do_not_interleave(tiny, tmp_path, monkeypatch, capsys):
     out, inside, go_on = tmp_path / "emu", threading.Event(), threading.Event()
-    real = emloc.emulator.compress_block
+    real = emloc.build.builder.compress_block
 
     def slow(*args, **kwargs):  # the first build pauses in its first block, the directory half written
         inside.set()
         go_on.wait(60)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(emloc.emulator, "compress_block", slow)
+    monkeypatch.setattr(emloc.build.builder, "compress_block", slow)
     first = threading.Thread(target=emloc.build_emulator, args=(tiny["model"], tiny["data"], out, 0.5), kwargs=FAST)
     first.start()
     assert inside.wait(60)

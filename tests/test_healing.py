@@ -7,8 +7,8 @@ import torch
 
 import emloc
 from checkpoints import make_chat_data, make_checkpoint
-from emloc import emulator as build_module
-from emloc.emulator import BuildError, build_emulator, load_emulator
+from emloc.build import BuildError, build_emulator, load_emulator
+from emloc.build import heal as build_module
 from emloc.healing import HealConfig, add_heal_adapter, heal_rank, lm_head_kl_divergence, merge_heal
 from utils import assert_close, non_contiguous
 
@@ -113,7 +113,7 @@ def test_interrupted_merge_resumes_to_identical_bytes(source, tmp_path, monkeypa
     model, data = source
     whole = build_emulator(model, data, tmp_path / "whole", 0.5, heal=HEAL, **FAST)
     saves = []
-    original_save = build_module._save_tensors
+    original_save = build_module.save_tensors
 
     def crash_on_second_healed_block(path, tensors):
         if any(key.endswith(".u") for key in tensors) and (path.parent / build_module.HEAL_ADAPTER).is_file():
@@ -122,10 +122,10 @@ def test_interrupted_merge_resumes_to_identical_bytes(source, tmp_path, monkeypa
                 raise KeyboardInterrupt("killed while merging")
         original_save(path, tensors)
 
-    monkeypatch.setattr(build_module, "_save_tensors", crash_on_second_healed_block)
+    monkeypatch.setattr(build_module, "save_tensors", crash_on_second_healed_block)
     with pytest.raises(KeyboardInterrupt):
         build_emulator(model, data, tmp_path / "cut", 0.5, heal=HEAL, **FAST)
-    monkeypatch.setattr(build_module, "_save_tensors", original_save)
+    monkeypatch.setattr(build_module, "save_tensors", original_save)
     resumed = build_emulator(model, data, tmp_path / "cut", 0.5, heal=HEAL, **FAST)
     for shard in sorted(whole.glob("model-*.safetensors")):
         assert (resumed / shard.name).read_bytes() == shard.read_bytes(), shard.name

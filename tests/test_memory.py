@@ -12,7 +12,7 @@ import torch
 import transformers
 from torch.profiler import ProfilerActivity, profile
 
-from emloc import emulator, lora, training
+from emloc import build, lora, training
 from emloc.cli import main
 from emloc.layers import EmulatorLinear
 from emloc.memory import LiveBytesTracker, Settings, dry_run, estimate, parse_bytes, plan, reference_configs
@@ -147,15 +147,15 @@ def test_tracker_matches_cpu_allocator_on_a_real_block_construction(torch_backen
     cfg = dry_run._language_config(config, layers=1)
     cfg._attn_implementation = "sdpa"
     model = transformers.AutoModelForCausalLM.from_config(cfg).requires_grad_(False)
-    plan_ = emulator.plan_compression(model, 0.3)[0]
+    plan_ = build.plan_compression(model, 0.3)[0]
     hidden = torch.randn(2, 157, 96)
-    item = emulator.BlockInput(hidden, {"position_embeddings": model.model.rotary_emb(hidden, torch.arange(157)[None])},
+    item = build.BlockInput(hidden, {"position_embeddings": model.model.rotary_emb(hidden, torch.arange(157)[None])},
                                torch.rand(2, 157) > 0.2)
     block = model.model.layers[0]
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with LiveBytesTracker("cpu") as tracker:
-            covariances = emulator.calibrate_block(block, plan_, [item], sink=lambda index, output: None)
-            emulator.compress_block(block, plan_, covariances, svd=method)
+            covariances = build.calibrate_block(block, plan_, [item], sink=lambda index, output: None)
+            build.compress_block(block, plan_, covariances, svd=method)
     allocator = _allocator_peak(prof)
     assert abs(tracker.peak - allocator) / allocator < 0.10, (tracker.peak, allocator)
 
@@ -248,7 +248,7 @@ def test_plan_settings_are_the_pipelines_arguments():
     import inspect
 
     p = plan("Qwen2.5-32B", "20GiB")
-    assert set(p.build_kwargs()) <= set(inspect.signature(emulator.build_emulator).parameters)
+    assert set(p.build_kwargs()) <= set(inspect.signature(build.build_emulator).parameters)
     assert p.build_kwargs()["compression"] == p.ratio
     config = training.TrainConfig(**p.train_kwargs())
     assert config.lm_head_chunk == p.settings.lm_head_chunk and config.gradient_checkpointing

@@ -7,8 +7,8 @@ import transformers
 
 from checkpoints import ARCHITECTURES, make_checkpoint
 from emloc import models
+from emloc.build import blockwise_logits
 from emloc.calibration import make_batches
-from emloc.emulator import blockwise_logits
 from utils import assert_close
 
 

@@ -13,7 +13,8 @@ import torch
 import transformers
 
 from checkpoints import make_chat_data, make_checkpoint, random_sentence
-from emloc import cli, emulator, pipeline, training
+from emloc import cli, pipeline, training
+from emloc.build import builder
 from emloc.lora import LoraAdapter
 from emloc.memory import LiveBytesTracker, parse_bytes, plan
 from utils import assert_close, cli_error
@@ -127,7 +128,7 @@ def _budget_train(steps: int) -> list[str]:
 def test_budget_run_follows_the_plan_and_its_training_peak(budget_inputs, tmp_path, monkeypatch, capsys):
     model, data = budget_inputs
     used = {"calibration_batches": [], "chunks": [], "embedding_on_device": [], "step_peaks": []}
-    batches, cross_entropy = emulator._calibration_batches, training.lm_head_cross_entropy
+    batches, cross_entropy = builder.calibration_batches, training.lm_head_cross_entropy
     place, step = training.place_input_embedding, training.training_step
 
     def spy_batches(*args):
@@ -155,7 +156,7 @@ def test_budget_run_follows_the_plan_and_its_training_peak(budget_inputs, tmp_pa
         used["step_peaks"].append(tracker.peak)
         return loss
 
-    monkeypatch.setattr(emulator, "_calibration_batches", spy_batches)
+    monkeypatch.setattr(builder, "calibration_batches", spy_batches)
     monkeypatch.setattr(training, "lm_head_cross_entropy", spy_cross_entropy)
     monkeypatch.setattr(training, "place_input_embedding", spy_place)
     monkeypatch.setattr(training, "training_step", tracked_step)

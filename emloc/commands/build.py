@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..emulator import REPORT, build_emulator
+from ..build import REPORT, build_emulator
 from ..errors import UserError
 from ..pipeline import DEFAULT_RATIO, plan_for_budget
 from ..streaming import read_json

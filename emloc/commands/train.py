@@ -105,7 +105,7 @@ def _emulator_ratio(emulator_dir: str) -> float:
 def run(args: argparse.Namespace) -> int:
     import transformers
 
-    from ..emulator import load_emulator
+    from ..build import load_emulator
     from ..locking import output_lock
     from ..pipeline import plan_for_budget
     from ..training import train

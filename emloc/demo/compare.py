@@ -26,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..build import load_emulator
 from ..data import collate, load_examples
-from ..emulator import load_emulator
 from ..lora import LoraAdapter
 from ..pipeline import run as emloc_run
 from ..training import ADAPTER_DIR, TrainConfig, train

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from ..emulator import load_emulator
+from ..build import load_emulator
 from ..lora import LoraAdapter
 from .task import Example, encode
 

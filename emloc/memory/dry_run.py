@@ -2,8 +2,8 @@
 :class:`~emloc.memory.tracker.LiveBytesTracker` counting the peak live bytes each stage would hold on the
 compute device. Nothing is allocated; a 38B model runs in seconds.
 
-* construction: one decoder block, :func:`emloc.emulator.calibrate_block` over one calibration micro-batch
-  and :func:`emloc.emulator.compress_block` with the planned ranks;
+* construction: one decoder block, :func:`emloc.build.calibrate_block` over one calibration micro-batch
+  and :func:`emloc.build.compress_block` with the planned ranks;
 * training: the whole emulator (planned ranks, LoRA from :func:`emloc.lora.add_lora`, gradient
   checkpointing), one step of :class:`emloc.training.CausalLMLoss` (chunked LM head) with AdamW;
 * healing: the whole emulator with the heal adapter of :func:`emloc.healing.add_heal_adapter`, one step of
@@ -21,7 +21,8 @@ import torch
 import transformers
 from torch import nn
 
-from .. import emulator, healing, lora, models, training
+from .. import healing, lora, models, training
+from ..build import BlockInput, calibrate_block, compress_block, emulate_block, plan_compression
 from ..correction import correct_layer
 from ..export import merge_lora
 from ..layers import EmulatorLinear
@@ -61,12 +62,12 @@ def _meta_model(cfg: transformers.PretrainedConfig, dtype: torch.dtype) -> nn.Mo
 
 
 def _emulate(model: nn.Module, ratio: float) -> None:
-    plans = emulator.plan_compression(model, ratio) if ratio < 1 else None
+    plans = plan_compression(model, ratio) if ratio < 1 else None
     if plans is None:
         return
     _, stack = models.block_stack(model)
     for block, plan in zip(stack, plans, strict=True):
-        emulator.emulate_block(block, plan)
+        emulate_block(block, plan)
 
 
 def _tokens(batch: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -78,7 +79,7 @@ def measure_construction(config: dict, ratio: float, seq_len: int, micro_batch: 
                          dtype: torch.dtype = torch.bfloat16) -> int:
     """Peak device bytes to calibrate and compress one decoder block on one micro-batch."""
     model = _meta_model(_language_config(config, layers=1), dtype)
-    plan = emulator.plan_compression(model, ratio)[0]
+    plan = plan_compression(model, ratio)[0]
     _, stack = models.block_stack(model)
     block = stack[0]
     rotary = model.model.rotary_emb
@@ -87,12 +88,12 @@ def measure_construction(config: dict, ratio: float, seq_len: int, micro_batch: 
         tracker.adopt(block.parameters())
         hidden = torch.empty(micro_batch, seq_len, hidden_size, dtype=dtype, device="meta")
         positions = torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta")
-        item = emulator.BlockInput(hidden, {"position_embeddings": rotary(hidden, positions)},
-                                   torch.empty(micro_batch, seq_len, dtype=torch.bool, device="meta"))
+        item = BlockInput(hidden, {"position_embeddings": rotary(hidden, positions)},
+                          torch.empty(micro_batch, seq_len, dtype=torch.bool, device="meta"))
         # the sink is where a build sends each output to the host; here it is simply dropped
-        covariances = emulator.calibrate_block(block, plan, [item], sink=lambda index, output: None)
+        covariances = calibrate_block(block, plan, [item], sink=lambda index, output: None)
         del item, hidden
-        emulator.compress_block(block, plan, covariances, svd=method)
+        compress_block(block, plan, covariances, svd=method)
     return tracker.peak
 
 

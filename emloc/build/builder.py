@@ -1,0 +1,198 @@
+""":func:`build_emulator`: the build's loop over the source checkpoint, one block at a time.
+
+The outer weights catch every block's inputs on the calibration batches and go to the first shard; then
+each block is loaded, calibrated, compressed, written to its own shard (recorded in the manifest) and
+released; the directory's closing files follow, and healing when asked for. A block the manifest records
+as finished is only run, to pass its outputs on to the next.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from emloc_kernels.lowrank import Method
+
+from .. import hostmem
+from ..calibration import CalibrationBatch
+from ..healing import HealConfig
+from ..locking import holds_output_lock
+from ..streaming import release
+from .activations import ActivationStore, FiniteSink, block_inputs, default_host_budget
+from .block import BlockInput, calibrate_block, check_finite, compress_block, emulate_block, run_block
+from .directory import HEAL_UNIT, OUTER_UNIT, REPORT, Manifest, save_tensors, shard_name
+from .finish import finish_directory
+from .heal import heal_build
+from .plan import Compression, LinearPlan, plan_compression
+from .settings import build_settings, calibration_batches, check_arguments, load_tokenizer, warn_few_tokens
+from .source import SourceCheckpoint, default_device
+
+__all__ = ["build_emulator"]
+
+
+@holds_output_lock("output_dir")  # two builds into one directory would interleave their blocks
+@hostmem.large_buffers_unmapped()  # from the start: a heap grown before would serve large buffers
+def build_emulator(
+    model_path,
+    data,
+    output_dir,
+    compression: Compression = 0.4,
+    *,
+    device=None,
+    dtype: torch.dtype | None = None,
+    max_samples: int = 64,
+    max_length: int = 2048,
+    svd: Method = "exact",
+    propagate: Literal["original", "emulator"] = "original",
+    resume: bool = True,
+    overwrite: bool = False,
+    batch_size: int = 4,
+    seed: int = 0,
+    host_budget: int | None = None,
+    heal: HealConfig | None = None,
+    damping: float = 0.0,
+    progress: bool = True,
+) -> Path:
+    """Build the emulator of the checkpoint in ``model_path`` into ``output_dir``, one block at a time.
+
+    Args:
+        model_path: a transformers causal-LM directory with safetensors shards and a tokenizer.
+        data: calibration file (JSONL with ``text`` / ``messages`` / ``conversations``, or ``.txt``).
+        output_dir: the emulator directory (docs/design.md §5.1); loaded with :func:`~emloc.load_emulator`.
+        compression: one ratio in (0, 1] for every linear of the decoder blocks, or ``{regex: ratio}`` over
+            full module names (first match wins). Rank ``floor(ratio m n / (m + n))``; layers where that
+            saves no parameters stay dense.
+        device: where each block runs (default CUDA when available); activations wait on the host.
+        dtype: compute and storage dtype (default: the checkpoint's).
+        max_samples, max_length, batch_size, seed: calibration samples drawn with ``seed``, truncated to
+            ``max_length`` tokens, run ``batch_size`` at a time.
+        svd: ``"exact"`` or ``"randomized"`` factorisations.
+        propagate: feed each block the original model's activations (``"original"``, the reference
+            behaviour) or the compressed blocks' outputs (``"emulator"``).
+        resume: continue an interrupted build with the same settings at its first unfinished block.
+        overwrite: replace a directory built with other settings.
+        host_budget: bytes of host memory for activations before they spill to disk (default: half the
+            available memory).
+        damping: factor against ``C + damping (tr C / n) I`` (:func:`~emloc.build.compress_block`); 0 is the
+            plain activation-aware optimum.
+        heal: distil the original into the emulator on the calibration samples after the blocks are built
+            (:mod:`emloc.healing`; needs ``propagate="original"``). Each linear's rank budget is shared between
+            the factors and the heal adapter, which is merged into them: same parameter count as without.
+        progress: show a progress bar per block.
+
+    Returns the output directory. The build report is in ``emloc-report.json`` there. On glibc the call
+    fixes malloc's mmap threshold (:func:`emloc.hostmem.large_buffers_unmapped`), and leaves it at 32 MiB.
+    """
+    model_path, output_dir = Path(model_path), Path(output_dir)
+    check_arguments(model_path, output_dir, svd=svd, propagate=propagate, max_samples=max_samples,
+                    max_length=max_length, batch_size=batch_size, host_budget=host_budget, damping=damping, heal=heal)
+    source = SourceCheckpoint(model_path, device or default_device(), dtype)
+    plan = plan_compression(source.model, compression, heal)
+    tokenizer = load_tokenizer(model_path)
+    batches = calibration_batches(data, tokenizer, max_samples, max_length, batch_size, seed)
+    warn_few_tokens(plan, sum(b.tokens for b in batches))
+    settings = build_settings(source, batches, compression=compression, data=data, max_samples=max_samples,
+                              max_length=max_length, batch_size=batch_size, seed=seed, svd=svd, propagate=propagate,
+                              heal=heal, damping=damping)
+    manifest = Manifest(output_dir, settings, resume, overwrite)
+    if _complete(output_dir, manifest, source, heal):
+        return output_dir  # already complete with these settings
+    blocks = len(source.stack)
+    with contextlib.closing(ActivationStore(output_dir / ".emloc-activations",
+                                            host_budget or default_host_budget())) as store:
+        kwargs = _outer_pass(source, batches, store, manifest, output_dir, shard_name(1, blocks + 1))
+        for index in range(blocks):
+            name, file = f"{source.prefix}.{index}", shard_name(index + 2, blocks + 1)
+            inputs = functools.partial(block_inputs, store, kwargs, batches, index, source.device)
+            bar = tqdm(total=len(batches), desc=f"block {index + 1}/{blocks}", unit="batch", disable=not progress)
+            sink = FiniteSink(store)
+            if manifest.finished(name) is not None:
+                block = _finished_block(source, index, plan[index], output_dir / file, propagate)
+                run_block(block, _counted(inputs(), bar), sink)
+            else:
+                block, reports = _build_block(source, index, plan[index], inputs, bar, sink, svd=svd,
+                                              seed=seed + index, damping=damping, propagate=propagate)
+                _save_block(output_dir, manifest, name, file, block, reports)
+            bar.close()
+            release(block)
+            hostmem.return_freed_memory()
+        finish_directory(output_dir, source, manifest, tokenizer)
+        if heal is not None and manifest.finished(HEAL_UNIT) is None:
+            # The store now holds the original's last-block outputs: the teacher of the healing step.
+            heal_build(output_dir, source, manifest, plan, batches, store, heal, dtype, progress)
+            finish_directory(output_dir, source, manifest, tokenizer)
+    return output_dir
+
+
+def _complete(output_dir: Path, manifest: Manifest, source: SourceCheckpoint, heal: HealConfig | None) -> bool:
+    """Whether the directory already holds this build, every unit finished and the report written."""
+    units = [OUTER_UNIT, *(f"{source.prefix}.{i}" for i in range(len(source.stack)))]
+    if heal is not None:
+        units.append(HEAL_UNIT)
+    return (output_dir / REPORT).is_file() and all(manifest.finished(unit) for unit in units)
+
+
+def _outer_pass(source: SourceCheckpoint, batches: list[CalibrationBatch], store: ActivationStore,
+                manifest: Manifest, output_dir: Path, file: str) -> list[list[dict]]:
+    """Load the outer weights, catch block 0's inputs (into ``store``) and every block's keyword arguments
+    (returned, per batch), save the outer shard unless it is finished, and release the outer weights."""
+    source.load_outer()
+    kwargs = source.capture(batches, store)
+    if manifest.finished(OUTER_UNIT) is None:
+        save_tensors(output_dir / file, {n: source.model.get_parameter(n) for n in source.outer_names()})
+        manifest.record(OUTER_UNIT, file, {})
+    source.release_outer()
+    return kwargs
+
+
+def _build_block(source: SourceCheckpoint, index: int, plan: list[list[LinearPlan]],
+                 inputs: Callable[[], Iterable[BlockInput]], bar, sink: FiniteSink, *, svd: Method, seed: int,
+                 damping: float, propagate: str) -> tuple[nn.Module, dict[str, dict]]:
+    """Block ``index`` loaded, calibrated and compressed, with the reports of :func:`compress_block`; its
+    outputs go to ``sink``: the original block's (each replacing its input as it comes) or, with
+    ``propagate="emulator"``, the compressed block's."""
+    name = f"{source.prefix}.{index}"
+    block = source.load_block(index)
+    covariances = calibrate_block(block, plan, _counted(inputs(), bar), sink=sink if propagate == "original" else None)
+    check_finite(covariances, sink.all_finite(), name)
+    hostmem.return_freed_memory()  # the pass's transients, before the factorisations allocate
+    reports = compress_block(block, plan, covariances, svd, seed=seed, damping=damping)
+    del covariances
+    if propagate == "emulator":
+        run_block(block, inputs(), sink)
+        check_finite({}, sink.all_finite(), name)
+    return block, reports
+
+
+def _save_block(output_dir: Path, manifest: Manifest, name: str, file: str, block: nn.Module,
+                reports: dict[str, dict]) -> None:
+    save_tensors(output_dir / file, {f"{name}.{k}": t for k, t in block.state_dict().items()})
+    manifest.record(name, file, {"modules": {
+        f"{name}.{local}": {"rank": r["rank"], "form": r["form"], "error": float(r["error"])}
+        for local, r in reports.items()}})
+
+
+def _finished_block(source: SourceCheckpoint, index: int, plan: list[list[LinearPlan]], path: Path,
+                    propagate: str) -> nn.Module:
+    """Block ``index`` ready to propagate activations on resume: the original weights, or the saved
+    emulator block when the build feeds compressed outputs forward."""
+    if propagate == "original":
+        return source.load_block(index)
+    block = emulate_block(source.stack[index], plan)
+    prefix = f"{source.prefix}.{index}."
+    state = {k.removeprefix(prefix): t.to(source.device) for k, t in load_file(str(path)).items()}
+    block.load_state_dict(state, assign=True)
+    return block.requires_grad_(False)
+
+
+def _counted(items, bar):
+    for item in items:
+        yield item
+        bar.update(1)
