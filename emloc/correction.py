@@ -25,8 +25,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .files import read_json
 from .lora import LoraAdapter
-from .streaming import CheckpointIndex, key_mapping, read_json
+from .streaming import CheckpointIndex, key_mapping
 
 
 def orthonormalize_lora(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:

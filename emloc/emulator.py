@@ -41,11 +41,12 @@ from . import healing, hostmem, models
 from .calibration import CalibrationBatch, CalibrationError, load_texts, make_batches, tokenize_samples
 from .data import pad_token_id
 from .errors import EmlocWarning, UserError, check_int, check_ratio
+from .files import atomic_write, file_sha256
 from .healing import HealConfig, heal_rank
 from .layers import EmulatorLinear
 from .locking import holds_output_lock
 from .ranks import compressed_rank
-from .streaming import CheckpointIndex, atomic_write, file_sha256, key_mapping, materialize, release
+from .streaming import CheckpointIndex, key_mapping, materialize, release
 
 __all__ = [
     "BuildError",

@@ -24,8 +24,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .errors import UserError
+from .files import atomic_directory, read_json
 from .layers import EmulatorLinear
-from .streaming import atomic_directory, check_finite_weight, read_header, read_json, read_tensors
+from .streaming import check_finite_weight, read_header, read_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -216,7 +217,7 @@ class LoraAdapter:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT format), and the emloc record
         ``emloc_adapter.json`` when there is one, into a fresh directory that then takes ``directory``'s place
-        (:func:`emloc.streaming.atomic_directory`): no file of an older adapter stays beside them."""
+        (:func:`emloc.files.atomic_directory`): no file of an older adapter stays beside them."""
         tensors = {}
         for name, (a, b) in self.weights.items():
             tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()

@@ -27,12 +27,12 @@ from .emulator import REPORT as BUILD_REPORT
 from .emulator import build_emulator, load_emulator, plan_compression
 from .errors import UserError, check_float, check_int, check_ratio
 from .export import export
+from .files import atomic_write_text, read_json
 from .healing import HealConfig
 from .locking import output_lock
 from .lora import LoraAdapter, target_modules
 from .memory import Plan, plan
 from .memory.spec import load_model_config
-from .streaming import atomic_write_text, read_json
 from .training import ADAPTER_DIR, REPORT_FILE, TrainConfig, evaluate, train
 
 STATE_FILE = "run_state.json"

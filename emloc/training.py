@@ -31,9 +31,10 @@ from emloc_kernels import lm_head_cross_entropy
 
 from .data import IGNORE, collate, load_examples, pad_token_id, split_examples, target_tokens
 from .errors import UserError, check_float, check_int
+from .files import atomic_directory, atomic_write_text, read_json
 from .locking import output_lock
 from .lora import LoraAdapter, add_lora, lora_modules, lora_parameters
-from .streaming import atomic_directory, atomic_write_text, read_header, read_json, read_tensors
+from .streaming import read_header, read_tensors
 
 ADAPTER_DIR = "adapter"
 REPORT_FILE = "train_report.json"

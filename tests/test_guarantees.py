@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import emloc
 from checkpoints import make_chat_data, make_checkpoint, make_text_data, make_tokenizer
-from emloc import cli, pipeline, streaming, training
+from emloc import cli, files, pipeline, training
 from emloc.calibration import CalibrationError, load_texts
 from emloc.data import DataError, load_examples
 from emloc.emulator import BuildError
@@ -139,10 +139,10 @@ def test_content_hash_sees_values_and_is_cached(tmp_path, monkeypatch):
     b = make_checkpoint(tmp_path / "b", "llama", seed=2, tokenizer=False)
     assert CheckpointIndex(a).content_hash() != CheckpointIndex(b).content_hash(), "same layout, other values"
     before = CheckpointIndex(a).content_hash()
-    real = streaming.file_sha256
-    monkeypatch.setattr(streaming, "file_sha256", lambda path: pytest.fail(f"{path} read again"))
+    real = files.file_sha256
+    monkeypatch.setattr(files, "file_sha256", lambda path: pytest.fail(f"{path} read again"))
     assert CheckpointIndex(a).content_hash() == before, "an untouched shard is not read again"
-    monkeypatch.setattr(streaming, "file_sha256", real)
+    monkeypatch.setattr(files, "file_sha256", real)
     _rewrite_values(a / "model-00002-of-00002.safetensors")
     assert CheckpointIndex(a).content_hash() != before, "a rewritten shard is hashed again"
 
