@@ -109,13 +109,13 @@ def test_a_checkpoint_of_an_earlier_emloc_resumes_exactly(tiny, tmp_path, monkey
             raise KeyboardInterrupt
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(training, "training_step", interrupted)
+    monkeypatch.setattr(training.loop, "training_step", interrupted)
     out = tmp_path / "legacy"
     with pytest.raises(KeyboardInterrupt):
         _train_steps(tiny, out, 4, save_steps=2)
-    monkeypatch.setattr(training, "training_step", step)
+    monkeypatch.setattr(training.loop, "training_step", step)
     checkpoint = out / "checkpoint-2"
-    torch.save(training._read_checkpoint(checkpoint), checkpoint / "state.pt")  # the format emloc used to write
+    torch.save(training.checkpoints.read_checkpoint(checkpoint), checkpoint / "state.pt")  # the format emloc used to write
     (checkpoint / "state.json").unlink()
     (checkpoint / "state.safetensors").unlink()
     resumed, resumed_result = _train_steps(tiny, out, 4, save_steps=2)

@@ -120,10 +120,10 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(training, "training_step", interrupted)
+    monkeypatch.setattr(training.loop, "training_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_steps(model_dir, chat, tokenizer, out=tmp_path, **settings)
-    monkeypatch.setattr(training, "training_step", step)
+    monkeypatch.setattr(training.loop, "training_step", step)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-2"]
     resumed, resumed_result = run_steps(model_dir, chat, tokenizer, out=tmp_path, **settings)
     assert_close(lora_state(resumed), lora_state(straight), rtol=1e-6, what="resumed LoRA weights")
