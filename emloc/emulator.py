@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from emloc_kernels import Whitening, covariance_update, projected_lowrank, whitened_lowrank, whitening
 
 from . import healing, hostmem, models
-from .calibration import CalibrationBatch, CalibrationError, load_texts, make_batches, tokenize_samples
+from .calibration import CalibrationBatch, load_texts, make_batches, tokenize_samples
 from .data import pad_token_id
 from .errors import EmlocWarning, UserError, check_int, check_ratio
 from .files import atomic_write, file_sha256
@@ -46,6 +46,7 @@ from .healing import HealConfig, heal_rank
 from .layers import EmulatorLinear
 from .locking import holds_output_lock
 from .ranks import compressed_rank
+from .rows import DataError as CalibrationError
 from .streaming import CheckpointIndex, key_mapping, materialize, release
 
 __all__ = [

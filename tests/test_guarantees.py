@@ -23,15 +23,17 @@ from safetensors.torch import load_file, save_file
 import emloc
 from checkpoints import make_chat_data, make_checkpoint, make_text_data, make_tokenizer
 from emloc import cli, files, pipeline, training
-from emloc.calibration import CalibrationError, load_texts
-from emloc.data import DataError, load_examples
+from emloc.calibration import load_texts
+from emloc.data import load_examples
 from emloc.emulator import BuildError
 from emloc.errors import EmlocWarning, UserError
 from emloc.locking import output_lock
 from emloc.lora import LoraAdapter, lora_modules
 from emloc.models import UnsupportedModelError
+from emloc.rows import DataError
 from emloc.streaming import CheckpointError, CheckpointIndex
 from emloc.training import TrainConfig
+from emloc.training.checkpoints import read_checkpoint
 from utils import cli_error
 
 pytestmark = pytest.mark.usefixtures("torch_backend")
@@ -115,7 +117,7 @@ def test_a_checkpoint_of_an_earlier_emloc_resumes_exactly(tiny, tmp_path, monkey
         _train_steps(tiny, out, 4, save_steps=2)
     monkeypatch.setattr(training.loop, "training_step", step)
     checkpoint = out / "checkpoint-2"
-    torch.save(training.checkpoints.read_checkpoint(checkpoint), checkpoint / "state.pt")  # the format emloc used to write
+    torch.save(read_checkpoint(checkpoint), checkpoint / "state.pt")  # the format emloc used to write
     (checkpoint / "state.json").unlink()
     (checkpoint / "state.safetensors").unlink()
     resumed, resumed_result = _train_steps(tiny, out, 4, save_steps=2)
@@ -308,7 +310,7 @@ def test_malformed_rows_are_named_by_file_and_line(tiny, tmp_path, row, match):
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny["model"])
     with pytest.raises(DataError, match=rf"rows\.jsonl:2: {match}"):
         load_examples(path, tokenizer)
-    with pytest.raises(CalibrationError, match=rf"rows\.jsonl:2: {match}"):
+    with pytest.raises(DataError, match=rf"rows\.jsonl:2: {match}"):
         load_texts(path, tokenizer)
 
 

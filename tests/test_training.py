@@ -13,8 +13,9 @@ import transformers
 
 from checkpoints import make_chat_data, make_checkpoint, make_text_data
 from emloc import EmulatorLinear, training
-from emloc.data import IGNORE, DataError, collate, load_examples, target_tokens
+from emloc.data import IGNORE, collate, load_examples, target_tokens
 from emloc.lora import LoraAdapter, add_lora, lora_parameters
+from emloc.rows import DataError
 from emloc.training import CausalLMLoss, TrainConfig, cosine_schedule, evaluate, train, training_step
 from emloc_kernels import lm_head_cross_entropy
 from emulators import emulate_in_memory, load_tiny
