@@ -1,61 +1,20 @@
-"""Calibration data: read a data file, draw samples with a seed, tokenize, and pad into batches.
+"""Calibration data: draw samples from a data file with a seed, tokenize, and pad into batches.
 
-Accepted files: JSONL whose rows hold ``text``, chat ``messages`` (role/content, rendered with the
-tokenizer's chat template) or ``conversations`` (ShareGPT from/value, text only); or plain ``.txt``
-(one sample per non-empty line). Batches are right-padded; their ``attention_mask`` is what keeps padding
-out of every covariance.
+The file's rows (:mod:`emloc.rows`) hold ``text``, chat ``messages`` or ShareGPT ``conversations``, rendered
+with the tokenizer's chat template; a ``.txt`` file holds one sample per non-empty line. Batches are
+right-padded; their ``attention_mask`` is what keeps padding out of every covariance.
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .rows import DataError, Row, check_chat_template, data_lines, parse_row
 
-__all__ = ["CalibrationBatch", "CalibrationError", "chat_messages", "load_texts", "make_batches", "row_text",
-           "tokenize_samples"]
-
-# ShareGPT speaker names -> chat roles.
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-          "model": "assistant", "bot": "assistant"}
-
-
-class CalibrationError(UserError):
-    """The calibration data cannot be used; the message names the file (and line)."""
-
-
-def chat_messages(row: dict, where: str, error: type[Exception] = CalibrationError) -> list[dict] | None:
-    """The role/content messages of a chat row (``messages``, or ShareGPT ``conversations`` with from/value),
-    or None when the row is not a chat row. A conversation that is not a list of messages with string role
-    and content raises ``error`` naming ``where`` (file and line) and the message."""
-    for key, role_key, content_key in (("messages", "role", "content"), ("conversations", "from", "value")):
-        if key not in row:
-            continue
-        messages = row[key]
-        if not isinstance(messages, list):
-            raise error(f"{where}: {key!r} must be a list of messages, got {type(messages).__name__}")
-        out = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not all(isinstance(m.get(k), str) for k in (role_key, content_key)):
-                raise error(f"{where}: {key}[{i}] needs string {role_key!r} and {content_key!r}, got {m!r}"[:300])
-            out.append({"role": _ROLES.get(m[role_key], m[role_key]) if key == "conversations" else m[role_key],
-                        "content": m[content_key]})
-        return out
-    return None
-
-
-def row_text(row: dict, where: str, error: type[Exception] = CalibrationError) -> str | None:
-    """The ``text`` of a row, None when it has none; a ``text`` that is not a string (null, a number) raises
-    ``error`` naming ``where`` rather than being trained on as ``"None"`` or ``"123"``."""
-    if "text" not in row:
-        return None
-    if not isinstance(row["text"], str):
-        raise error(f"{where}: 'text' must be a string, got {json.dumps(row['text'])[:80]}")
-    return row["text"]
+__all__ = ["CalibrationBatch", "load_texts", "make_batches", "tokenize_samples"]
 
 
 @dataclass
@@ -70,41 +29,27 @@ class CalibrationBatch:
         return int(self.attention_mask.sum())
 
 
-def _render(row: dict, tokenizer, where: str) -> str:
-    text = row_text(row, where)
+def _render(row: Row, tokenizer) -> str:
+    text = row.text()
     if text is not None:
         return text
-    messages = chat_messages(row, where)
+    messages = row.messages()
     if messages is None:
-        raise CalibrationError(f"{where}: a row needs 'text', 'messages' or 'conversations', got keys {sorted(row)}")
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise CalibrationError(f"{where}: chat data needs a tokenizer with a chat template; this one has none")
+        raise row.unrecognised()
+    check_chat_template(tokenizer, row.where)
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
 def load_texts(path, tokenizer, max_samples: int = 64, seed: int = 0) -> list[str]:
-    """Up to ``max_samples`` texts drawn from ``path`` without replacement with ``seed`` (file order kept)."""
+    """Up to ``max_samples`` texts drawn from ``path`` without replacement with ``seed`` (file order kept).
+
+    Only the drawn rows are parsed; a bad one is a :class:`~emloc.rows.DataError` naming the file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise CalibrationError(f"{path}: calibration data file not found")
-    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    lines = data_lines(path, "calibration")
     if not lines:
-        raise CalibrationError(f"{path}: calibration data is empty")
+        raise DataError(f"{path}: calibration data is empty")
     chosen = sorted(random.Random(seed).sample(range(len(lines)), min(max_samples, len(lines))))
-    if path.suffix == ".txt":
-        return [lines[i][1] for i in chosen]
-    texts = []
-    for i in chosen:
-        number, line = lines[i]
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise CalibrationError(f"{where}: not valid JSON ({exc})") from exc
-        if not isinstance(row, dict):
-            raise CalibrationError(f"{where}: expected a JSON object per line")
-        texts.append(_render(row, tokenizer, where))
-    return texts
+    return [_render(parse_row(path, *lines[i]), tokenizer) for i in chosen]
 
 
 def tokenize_samples(texts: list[str], tokenizer, max_length: int = 2048) -> list[list[int]]:

@@ -1,32 +1,26 @@
 """Training data: a JSONL or text file -> token ids with labels, and right-padded batches.
 
-Rows hold ``text`` (every token is a target), chat ``messages`` (role/content, rendered with the tokenizer's
-chat template; only the assistant answers are targets) or ``conversations`` (ShareGPT from/value, the same).
-Answer tokens are found by rendering the conversation up to each answer: the characters the answer adds are
-the targets, mapped to tokens through the tokenizer's offsets. Labels use -100 for tokens without loss.
+The file's rows (:mod:`emloc.rows`) hold ``text`` (every token is a target), chat ``messages`` (role/content,
+rendered with the tokenizer's chat template; only the assistant answers are targets) or ``conversations``
+(ShareGPT from/value, the same). Answer tokens are found by rendering the conversation up to each answer: the
+characters the answer adds are the targets, mapped to tokens through the tokenizer's offsets. Labels use -100
+for tokens without loss.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
 
 import torch
 
-from .calibration import chat_messages, row_text
-from .errors import UserError
+from .rows import DataError, Row, check_chat_template, read_rows
 
 IGNORE = -100
 
 
-class DataError(UserError):
-    """The training data cannot be used; the message names the file (and line)."""
-
-
 def _chat_example(messages: list[dict], tokenizer, max_length: int, where: str) -> dict:
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(f"{where}: chat data needs a tokenizer with a chat template; this one has none")
+    check_chat_template(tokenizer, where)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant message, so it has no answer tokens to train on")
     text = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -53,34 +47,24 @@ def _text_example(text: str, tokenizer, max_length: int) -> dict:
     return {"input_ids": ids, "labels": list(ids), "chat": False}
 
 
+def _example(row: Row, tokenizer, max_length: int) -> dict:
+    messages = row.messages()
+    if messages is not None:
+        return _chat_example(messages, tokenizer, max_length, row.where)
+    text = row.text()
+    if text is None:
+        raise row.unrecognised()
+    return _text_example(text, tokenizer, max_length)
+
+
 def load_examples(path: str | os.PathLike, tokenizer, max_length: int = 2048) -> list[dict]:
     """Tokenize every row of ``path`` into ``{"input_ids", "labels", "chat"}`` examples (file order).
 
-    Raises :class:`DataError` naming the file and line for unreadable rows, chat rows without an answer, and
+    Raises :class:`~emloc.rows.DataError` naming the file and line for unreadable rows, chat rows without an answer, and
     data in which no example keeps any answer token (e.g. all answers truncated away by ``max_length``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: training data file not found")
-    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-    examples = []
-    for number, line in lines:
-        where = f"{path}:{number}"
-        if path.suffix == ".txt":
-            examples.append(_text_example(line, tokenizer, max_length))
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc})") from exc
-        messages = chat_messages(row, where, DataError) if isinstance(row, dict) else None
-        text = row_text(row, where, DataError) if isinstance(row, dict) and messages is None else None
-        if messages is not None:
-            examples.append(_chat_example(messages, tokenizer, max_length, where))
-        elif text is not None:
-            examples.append(_text_example(text, tokenizer, max_length))
-        else:
-            raise DataError(f"{where}: a row needs 'text', 'messages' or 'conversations'")
+    examples = [_example(row, tokenizer, max_length) for row in read_rows(path, "training")]
     examples = [e for e in examples if any(label != IGNORE for label in e["labels"][1:])]
     if not examples:
         raise DataError(f"{path}: no example has answer tokens to train on (empty file, or every answer "

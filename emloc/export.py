@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 
 from .correction import check_adapter_shapes, weight_keys
 from .errors import UserError
+from .files import atomic_directory
 from .locking import output_lock
 from .lora import LoraAdapter
-from .streaming import INDEX_FILE, CheckpointError, CheckpointIndex, atomic_directory, read_header, read_tensors
+from .streaming import INDEX_FILE, CheckpointError, CheckpointIndex, read_header, read_tensors
 
 
 def _checked(adapter: LoraAdapter | str | os.PathLike, original: CheckpointIndex) -> tuple[LoraAdapter, dict]:
@@ -63,7 +64,7 @@ def merge_adapter(adapter: LoraAdapter | str | os.PathLike, original_path: str |
     """Write the original checkpoint with ``adapter`` merged in (``W + s B A``, fp32 sum, original dtype).
 
     One shard is in memory at a time. The shards, index, config, generation config and tokenizer files go
-    into a fresh directory that then takes ``output_dir``'s place (:func:`emloc.streaming.atomic_directory`):
+    into a fresh directory that then takes ``output_dir``'s place (:func:`emloc.files.atomic_directory`):
     no shard of an older merged model stays beside the new ones, where ``from_pretrained`` could load it.
     Returns ``output_dir``.
     """

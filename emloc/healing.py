@@ -205,7 +205,7 @@ def heal(model: nn.Module, batches: list[CalibrationBatch], teachers: list[Tenso
     for name, layer in layers.items():
         scaled_b = layer.lora_scaling * layer.lora_b.detach()
         adapter[name] = (layer.lora_a.detach().float().cpu(), scaled_b.float().cpu())
-        layer.lora_a = layer.lora_b = None
+        layer.remove_lora()
     return adapter, {"kl_before": kl_before, "kl_after": kl_after, "losses": losses}
 
 

@@ -1,10 +1,10 @@
 """LoRA on an emulator: injection into its linears, and the adapter as weights that travel between stages.
 
 Emulator layers (:class:`emloc.EmulatorLinear`) carry their LoRA inside the fused kernel; dense
-``nn.Linear`` layers that match the target become :class:`LoraLinear`, an ``nn.Linear`` with the same
-``lora_a`` / ``lora_b`` attributes, so both kinds keep their original parameter names and every later stage
-(checkpoints, correction, export) reads them the same way. LoRA weights are kept in fp32 whatever the base
-dtype: an update of ``lr * step`` on a bf16 weight would mostly round away.
+``nn.Linear`` layers that match the target become :class:`LoraLinear`, an ``nn.Linear`` with the same LoRA
+weights (:class:`emloc.layers.LoraWeights`: ``lora_a`` / ``lora_b``), so both kinds keep their original
+parameter names and every later stage (checkpoints, correction, export) reads them the same way. LoRA weights
+are kept in fp32 whatever the base dtype: an update of ``lr * step`` on a bf16 weight would mostly round away.
 
 :class:`LoraAdapter` is a trained (or corrected) adapter detached from any model, saved in PEFT's format:
 ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
@@ -24,8 +24,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .errors import UserError
-from .layers import EmulatorLinear
-from .streaming import atomic_directory, check_finite_weight, read_header, read_json, read_tensors
+from .files import atomic_directory, read_json
+from .layers import EmulatorLinear, LoraWeights, lora_scaling
+from .streaming import check_finite_weight, read_header, read_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -33,16 +34,11 @@ EMLOC_INFO = "emloc_adapter.json"
 _PEFT_PREFIX = "base_model.model."
 
 
-def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
-    """The LoRA scaling ``s``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-    return alpha / math.sqrt(r) if rslora else alpha / r
-
-
-class LoraLinear(nn.Linear):
+class LoraLinear(LoraWeights, nn.Linear):
     """A dense ``nn.Linear`` with LoRA: ``y = x W^T + b + s * (dropout(x) A^T) B^T``.
 
     Shares the weight and bias of the layer it replaces, so parameter names and state-dict keys are
-    unchanged; ``lora_a (r, in)``, ``lora_b (out, r)`` and ``lora_scaling`` mirror :class:`EmulatorLinear`.
+    unchanged; its LoRA weights are those of :class:`EmulatorLinear` (:class:`emloc.layers.LoraWeights`).
     """
 
     @classmethod
@@ -50,33 +46,21 @@ class LoraLinear(nn.Linear):
         """A LoraLinear holding ``linear``'s own weight and bias (no copy, nothing trains yet)."""
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         layer.weight, layer.bias = linear.weight, linear.bias
-        layer.lora_a = layer.lora_b = None
-        layer.lora_scaling, layer.lora_dropout = 1.0, 0.0
+        layer.remove_lora()
         return layer
 
-    def add_lora(self, r: int, alpha: float | None = None, dropout: float = 0.0, rslora: bool = False,
-                 dtype: torch.dtype | None = None) -> None:
-        """Attach LoRA of rank ``r`` with PEFT's init: ``lora_a`` Kaiming-uniform, ``lora_b`` zero."""
-        dtype = dtype or self.weight.dtype
-        self.lora_a = nn.Parameter(torch.empty(r, self.in_features, device=self.weight.device, dtype=dtype))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-        self.lora_b = nn.Parameter(torch.zeros(self.out_features, r, device=self.weight.device, dtype=dtype))
-        self.lora_scaling = lora_scaling(r, float(r if alpha is None else alpha), rslora)
-        self.lora_dropout = dropout
+    def _lora_like(self) -> Tensor:
+        return self.weight
 
     def forward(self, x: Tensor) -> Tensor:
         y = super().forward(x)
         if self.lora_a is None:
             return y
-        x = nn.functional.dropout(x, self.lora_dropout, training=self.training).to(self.lora_a.dtype)
-        return y + (self.lora_scaling * (x @ self.lora_a.T) @ self.lora_b.T).to(y.dtype)
+        return y + self.lora_delta(x).to(y.dtype)
 
     def extra_repr(self) -> str:
-        lora = "" if self.lora_a is None else f", lora_rank={self.lora_a.shape[0]}, lora_scaling={self.lora_scaling:g}"
-        return super().extra_repr() + lora
+        return super().extra_repr() + self._lora_repr()
 
-
-LoraModule = (EmulatorLinear, LoraLinear)
 
 
 def _matches(name: str, target: re.Pattern | list[str] | tuple[str, ...]) -> bool:
@@ -117,7 +101,7 @@ def add_lora(model: nn.Module, target: str | list[str] | None = None, r: int = 8
     model.requires_grad_(False)
     for name in names:
         module = candidates[name]
-        if not isinstance(module, LoraModule):
+        if not isinstance(module, LoraWeights):
             module = LoraLinear.wrap(module)
             model.set_submodule(name, module)
         module.add_lora(r, alpha, dropout, rslora, dtype=dtype)
@@ -157,7 +141,7 @@ def emulator_record(model: nn.Module) -> dict:
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The modules of ``model`` that carry LoRA weights, by name."""
     return {name: module for name, module in model.named_modules()
-            if isinstance(module, LoraModule) and module.lora_a is not None}
+            if isinstance(module, LoraWeights) and module.lora_a is not None}
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -216,7 +200,7 @@ class LoraAdapter:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT format), and the emloc record
         ``emloc_adapter.json`` when there is one, into a fresh directory that then takes ``directory``'s place
-        (:func:`emloc.streaming.atomic_directory`): no file of an older adapter stays beside them."""
+        (:func:`emloc.files.atomic_directory`): no file of an older adapter stays beside them."""
         tensors = {}
         for name, (a, b) in self.weights.items():
             tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()

@@ -21,7 +21,7 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from .errors import UserError
-from .streaming import read_json
+from .files import read_json
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",

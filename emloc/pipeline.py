@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,12 +27,12 @@ from .correction import correct_lora
 from .data import load_examples, pad_token_id, split_examples
 from .errors import UserError, check_float, check_int, check_ratio
 from .export import export
+from .files import atomic_write_text, read_json
 from .healing import HealConfig
 from .locking import output_lock
 from .lora import LoraAdapter, target_modules
 from .memory import Plan, plan
 from .memory.spec import load_model_config
-from .streaming import atomic_write_text, read_json
 from .training import ADAPTER_DIR, REPORT_FILE, TrainConfig, evaluate, train
 
 STATE_FILE = "run_state.json"
@@ -136,17 +136,10 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
     model_path, output_dir = Path(model_path), Path(output_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = replace(train_config or TrainConfig(), output_dir=str(output_dir / "train"), progress=progress)
-    check_int(max_samples, "max_samples")
-    if ratio is not None and not isinstance(ratio, dict):
-        check_ratio(ratio, "ratio")
-    if clamp is not None:
-        check_float(clamp, "clamp", 0, float("inf"), low_open=True, high_open=True)
-    if correction not in CORRECTIONS:
-        raise UserError(f"correction: must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
+    _check_options(ratio, max_samples, clamp, correction)
     skeleton = models.skeleton(models.load_config(model_path))
     target_modules(skeleton, config.lora_target)
     build_args = {"compression": DEFAULT_RATIO if ratio is None else ratio, "max_samples": max_samples, "svd": svd}
-    method = {"heal": heal, "damping": damping}
     followed = None
     if budget is not None:
         followed = plan_for_budget(model_path, budget, config, ratio, max_samples, svd, dtype,
@@ -162,10 +155,21 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
                 "clamp": clamp, "merge": merge, "dtype": str(dtype), "max_samples": max_samples, "svd": svd,
                 "train": _recorded(config), **_method_settings(heal, damping, correction)}
     with output_lock(output_dir):
-        return _run_stages(model_path, data, output_dir, settings, {**build_args, **method}, config, followed,
-                           overwrite, device=device, dtype=dtype, clamp=clamp if correction == "paper" else None,
-                           correct=correction == "paper", merge=merge, progress=progress,
-                           evaluate_original=evaluate_original)
+        return _run_stages(model_path, data, output_dir, settings, {**build_args, "heal": heal, "damping": damping},
+                           config, followed, overwrite, device=device, dtype=dtype,
+                           clamp=clamp if correction == "paper" else None, correct=correction == "paper",
+                           merge=merge, progress=progress, evaluate_original=evaluate_original)
+
+
+def _check_options(ratio, max_samples: int, clamp: float | None, correction: str) -> None:
+    """Refuse a bad value of :func:`run`'s own options, naming the option."""
+    check_int(max_samples, "max_samples")
+    if ratio is not None and not isinstance(ratio, dict):
+        check_ratio(ratio, "ratio")
+    if clamp is not None:
+        check_float(clamp, "clamp", 0, float("inf"), low_open=True, high_open=True)
+    if correction not in CORRECTIONS:
+        raise UserError(f"correction: must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
 
 
 def _method_settings(heal: HealConfig | None, damping: float, correction: str) -> dict:
@@ -179,58 +183,80 @@ def _run_stages(model_path: Path, data, output_dir: Path, settings: dict, build_
                 followed: Plan | None, overwrite: bool, *, device, dtype, clamp, correct, merge, progress,
                 evaluate_original) -> dict:
     """The stages of :func:`run`, under the lock of ``output_dir``, skipping those ``run_state.json`` records."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    state_path = output_dir / STATE_FILE
-    state = read_json(state_path) if state_path.is_file() else None
-    stored = (state or {}).get("settings", {})
-    if isinstance(stored.get("train"), dict):  # a run saved before a TrainConfig field existed used its default
-        stored = {**stored, "train": {**_recorded(TrainConfig()), **stored["train"]}}
-    changed = sorted(k for k in settings.keys() | stored.keys() if settings.get(k) != stored.get(k))
-    if state is not None and changed and not overwrite:
-        raise UserError(f"{output_dir} holds a run with other settings ({', '.join(changed)} differ); resume "
-                        "with the same arguments, pass overwrite=True (--overwrite) to start over, or choose "
-                        "another output directory")
     train_dir = Path(config.output_dir)
-    done = set(state["done"]) if state is not None and not changed else set()
-    if overwrite and not done:  # starting over: no checkpoint of another run may be resumed
-        shutil.rmtree(train_dir, ignore_errors=True)
-
-    def finish(stage: str | None) -> None:
-        done.update([stage] if stage else [])
-        atomic_write_text(state_path, json.dumps({"settings": settings, "done": sorted(done)}, indent=2))
-
-    if not done:  # a fresh run, or one started over: its settings are recorded before any stage writes
-        finish(None)
-
-    emulator_dir = output_dir / "emulator"
-    if "build" not in done:
+    state = _RunState.open(output_dir, settings, overwrite, train_dir)
+    emulator_dir, corrected_dir, export_dir = output_dir / "emulator", output_dir / "corrected", output_dir / "export"
+    if "build" not in state.done:
         build_emulator(model_path, data, emulator_dir, device=device, dtype=dtype, progress=progress,
                        overwrite=overwrite, **build_args)
-        finish("build")
-
+        state.finish("build")
     tokenizer = transformers.AutoTokenizer.from_pretrained(emulator_dir)
-    pad_id = pad_token_id(tokenizer)
     examples, eval_examples = split_examples(load_examples(data, tokenizer, config.max_length),
                                              config.eval_fraction, config.seed)
-    if "train" not in done:
+    if "train" not in state.done:
         emulator = load_emulator(emulator_dir, device=device, dtype=dtype)
         train(emulator, examples, config, tokenizer=tokenizer, eval_data=eval_examples)
         del emulator
-        finish("train")
-
-    corrected_dir = output_dir / "corrected"
-    if "correct" not in done:
+        state.finish("train")
+    if "correct" not in state.done:
         trained = LoraAdapter.load(train_dir / ADAPTER_DIR)
         adapter = correct_lora(model_path, emulator_dir, trained, clamp, device=device, progress=progress) \
             if correct else replace(trained, extra={**trained.extra, "corrected": False})
         adapter.save(corrected_dir)
-        finish("correct")
-
-    export_dir = output_dir / "export"
-    if "export" not in done:
+        state.finish("correct")
+    if "export" not in state.done:
         export(corrected_dir, model_path, export_dir, merge=merge, progress=progress)
-        finish("export")
+        state.finish("export")
+    summary = _summary(model_path, emulator_dir, train_dir, export_dir, merge, followed)
+    if evaluate_original and eval_examples:
+        adapters = {"before": None, **({"uncorrected": LoraAdapter.load(train_dir / ADAPTER_DIR)} if correct else {}),
+                    "after": LoraAdapter.load(corrected_dir)}
+        summary["original_eval"] = _original_eval(model_path, adapters, eval_examples, config,
+                                                  pad_token_id(tokenizer), device, dtype)
+    atomic_write_text(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+    return summary
 
+
+@dataclass
+class _RunState:
+    """``run_state.json``: the settings of the run in a directory and the stages it has finished."""
+
+    path: Path
+    settings: dict
+    done: set[str]
+
+    @classmethod
+    def open(cls, output_dir: Path, settings: dict, overwrite: bool, train_dir: Path) -> _RunState:
+        """The state of the run in ``output_dir`` with ``settings``: resumed when it holds a run with the same
+        settings, refused when the settings differ (unless ``overwrite``), otherwise started and recorded
+        before any stage writes."""
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path = output_dir / STATE_FILE
+        state = read_json(path) if path.is_file() else None
+        stored = (state or {}).get("settings", {})
+        if isinstance(stored.get("train"), dict):  # a run saved before a TrainConfig field existed used its default
+            stored = {**stored, "train": {**_recorded(TrainConfig()), **stored["train"]}}
+        changed = sorted(k for k in settings.keys() | stored.keys() if settings.get(k) != stored.get(k))
+        if state is not None and changed and not overwrite:
+            raise UserError(f"{output_dir} holds a run with other settings ({', '.join(changed)} differ); resume "
+                            "with the same arguments, pass overwrite=True (--overwrite) to start over, or choose "
+                            "another output directory")
+        run = cls(path, settings, set(state["done"]) if state is not None and not changed else set())
+        if overwrite and not run.done:  # starting over: no checkpoint of another run may be resumed
+            shutil.rmtree(train_dir, ignore_errors=True)
+        if not run.done:  # a fresh run, or one started over: its settings are recorded before any stage writes
+            run.finish(None)
+        return run
+
+    def finish(self, stage: str | None) -> None:
+        """Record ``stage`` as finished (None: only the settings) in ``run_state.json``."""
+        self.done.update([stage] if stage else [])
+        atomic_write_text(self.path, json.dumps({"settings": self.settings, "done": sorted(self.done)}, indent=2))
+
+
+def _summary(model_path: Path, emulator_dir: Path, train_dir: Path, export_dir: Path, merge: bool,
+             followed: Plan | None) -> dict:
+    """The run's summary from the build and training reports: sizes, losses, outputs, the plan followed."""
     build_report = read_json(emulator_dir / BUILD_REPORT)
     train_report = read_json(train_dir / REPORT_FILE)
     summary = {
@@ -244,13 +270,6 @@ def _run_stages(model_path: Path, data, output_dir: Path, settings: dict, build_
     }
     if followed is not None:
         summary["memory_plan"] = plan_record(followed)
-    if evaluate_original and eval_examples:
-        summary["original_eval"] = _original_eval(
-            model_path, {"before": None,
-                         **({"uncorrected": LoraAdapter.load(train_dir / ADAPTER_DIR)} if correct else {}),
-                         "after": LoraAdapter.load(corrected_dir)},
-            eval_examples, config, pad_id, device, dtype)
-    atomic_write_text(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary
 
 

@@ -40,7 +40,7 @@ def poison_empty(monkeypatch):
 
 @pytest.fixture(autouse=True, scope="session")
 def content_hash_cache(tmp_path_factory):
-    """Keep the cache of shard digests (emloc.streaming.cached_file_sha256) out of the user's home."""
+    """Keep the cache of shard digests (emloc.files.cached_file_sha256) out of the user's home."""
     previous = os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
     yield

@@ -12,8 +12,9 @@ import emloc
 from checkpoints import ARCHITECTURES, make_chat_data, make_checkpoint, make_config, make_text_data
 from emloc import models
 from emloc.build import BlockInput, BuildError, calibrate_block, compress_block, plan_compression
-from emloc.calibration import CalibrationError, load_texts, make_batches, tokenize_samples
+from emloc.calibration import load_texts, make_batches, tokenize_samples
 from emloc.cli import main
+from emloc.rows import DataError
 from emloc.streaming import CheckpointError
 from emloc_kernels import covariance_update
 from utils import assert_close
@@ -313,7 +314,7 @@ def test_bad_sources_are_named(tmp_path):
         emloc.build_emulator(missing, data, missing, overwrite=True, **FAST)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(CalibrationError, match="empty.jsonl: calibration data is empty"):
+    with pytest.raises(DataError, match="empty.jsonl: calibration data is empty"):
         emloc.build_emulator(make_checkpoint(tmp_path / "ok", "llama"), empty, tmp_path / "emu", **FAST)
     assert not (tmp_path / "emu").exists()
 

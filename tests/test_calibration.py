@@ -6,7 +6,8 @@ import torch
 import transformers
 
 from checkpoints import make_chat_data, make_text_data, make_tokenizer
-from emloc.calibration import CalibrationError, load_texts, make_batches, tokenize_samples
+from emloc.calibration import load_texts, make_batches, tokenize_samples
+from emloc.rows import DataError
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +74,16 @@ def test_batches_are_right_padded_with_a_matching_mask(tmp_path, tokenizer):
 def test_bad_data_is_named(tmp_path, tokenizer, content, match):
     path = tmp_path / "d.jsonl"
     path.write_text(content)
-    with pytest.raises(CalibrationError, match=match):
+    with pytest.raises(DataError, match=match):
         load_texts(path, tokenizer)
 
 
 def test_missing_file(tmp_path, tokenizer):
-    with pytest.raises(CalibrationError, match="not found"):
+    with pytest.raises(DataError, match="not found"):
         load_texts(tmp_path / "nope.jsonl", tokenizer)
 
 
 def test_chat_data_needs_a_chat_template(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(tokenizer, "chat_template", None)
-    with pytest.raises(CalibrationError, match=r"d.jsonl:1: chat data needs a tokenizer with a chat template"):
+    with pytest.raises(DataError, match=r"d.jsonl:1: chat data needs a tokenizer with a chat template"):
         load_texts(make_chat_data(tmp_path / "d.jsonl", n=2), tokenizer)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from emloc.correction import correct_layer, orthonormalize_lora
-from emloc.lora import lora_scaling
+from emloc.layers import lora_scaling
 from emloc_kernels import whitened_lowrank, whitening
 from utils import assert_close, rel_error
 

@@ -22,16 +22,18 @@ from safetensors.torch import load_file, save_file
 
 import emloc
 from checkpoints import make_chat_data, make_checkpoint, make_text_data, make_tokenizer
-from emloc import cli, pipeline, streaming, training
+from emloc import cli, files, pipeline, training
 from emloc.build import BuildError
-from emloc.calibration import CalibrationError, load_texts
-from emloc.data import DataError, load_examples
+from emloc.calibration import load_texts
+from emloc.data import load_examples
 from emloc.errors import EmlocWarning, UserError
 from emloc.locking import output_lock
 from emloc.lora import LoraAdapter, lora_modules
 from emloc.models import UnsupportedModelError
+from emloc.rows import DataError
 from emloc.streaming import CheckpointError, CheckpointIndex
 from emloc.training import TrainConfig
+from emloc.training.checkpoints import read_checkpoint
 from utils import cli_error
 
 pytestmark = pytest.mark.usefixtures("torch_backend")
@@ -109,13 +111,13 @@ def test_a_checkpoint_of_an_earlier_emloc_resumes_exactly(tiny, tmp_path, monkey
             raise KeyboardInterrupt
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(training, "training_step", interrupted)
+    monkeypatch.setattr(training.loop, "training_step", interrupted)
     out = tmp_path / "legacy"
     with pytest.raises(KeyboardInterrupt):
         _train_steps(tiny, out, 4, save_steps=2)
-    monkeypatch.setattr(training, "training_step", step)
+    monkeypatch.setattr(training.loop, "training_step", step)
     checkpoint = out / "checkpoint-2"
-    torch.save(training._read_checkpoint(checkpoint), checkpoint / "state.pt")  # the format emloc used to write
+    torch.save(read_checkpoint(checkpoint), checkpoint / "state.pt")  # the format emloc used to write
     (checkpoint / "state.json").unlink()
     (checkpoint / "state.safetensors").unlink()
     resumed, resumed_result = _train_steps(tiny, out, 4, save_steps=2)
@@ -139,10 +141,10 @@ def test_content_hash_sees_values_and_is_cached(tmp_path, monkeypatch):
     b = make_checkpoint(tmp_path / "b", "llama", seed=2, tokenizer=False)
     assert CheckpointIndex(a).content_hash() != CheckpointIndex(b).content_hash(), "same layout, other values"
     before = CheckpointIndex(a).content_hash()
-    real = streaming.file_sha256
-    monkeypatch.setattr(streaming, "file_sha256", lambda path: pytest.fail(f"{path} read again"))
+    real = files.file_sha256
+    monkeypatch.setattr(files, "file_sha256", lambda path: pytest.fail(f"{path} read again"))
     assert CheckpointIndex(a).content_hash() == before, "an untouched shard is not read again"
-    monkeypatch.setattr(streaming, "file_sha256", real)
+    monkeypatch.setattr(files, "file_sha256", real)
     _rewrite_values(a / "model-00002-of-00002.safetensors")
     assert CheckpointIndex(a).content_hash() != before, "a rewritten shard is hashed again"
 
@@ -308,7 +310,7 @@ def test_malformed_rows_are_named_by_file_and_line(tiny, tmp_path, row, match):
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny["model"])
     with pytest.raises(DataError, match=rf"rows\.jsonl:2: {match}"):
         load_examples(path, tokenizer)
-    with pytest.raises(CalibrationError, match=rf"rows\.jsonl:2: {match}"):
+    with pytest.raises(DataError, match=rf"rows\.jsonl:2: {match}"):
         load_texts(path, tokenizer)
 
 

@@ -128,7 +128,7 @@ def _budget_train(steps: int) -> list[str]:
 def test_budget_run_follows_the_plan_and_its_training_peak(budget_inputs, tmp_path, monkeypatch, capsys):
     model, data = budget_inputs
     used = {"calibration_batches": [], "chunks": [], "embedding_on_device": [], "step_peaks": []}
-    batches, cross_entropy = builder.calibration_batches, training.lm_head_cross_entropy
+    batches, cross_entropy = builder.calibration_batches, training.loss.lm_head_cross_entropy
     place, step = training.place_input_embedding, training.training_step
 
     def spy_batches(*args):
@@ -157,9 +157,9 @@ def test_budget_run_follows_the_plan_and_its_training_peak(budget_inputs, tmp_pa
         return loss
 
     monkeypatch.setattr(builder, "calibration_batches", spy_batches)
-    monkeypatch.setattr(training, "lm_head_cross_entropy", spy_cross_entropy)
-    monkeypatch.setattr(training, "place_input_embedding", spy_place)
-    monkeypatch.setattr(training, "training_step", tracked_step)
+    monkeypatch.setattr(training.loss, "lm_head_cross_entropy", spy_cross_entropy)
+    monkeypatch.setattr(training.loop, "place_input_embedding", spy_place)
+    monkeypatch.setattr(training.loop, "training_step", tracked_step)
     out = tmp_path / "run"
     assert cli.main(["run", str(model), "--data", str(data), "--out", str(out), "--budget", BUDGET, "--samples", "4",
                      "--no-eval", *_budget_train(2)]) == 0

@@ -7,15 +7,8 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import make_checkpoint
 from emloc import models
-from emloc.streaming import (
-    CheckpointError,
-    CheckpointIndex,
-    atomic_write,
-    key_mapping,
-    materialize,
-    read_tensors,
-    release,
-)
+from emloc.files import atomic_write
+from emloc.streaming import CheckpointError, CheckpointIndex, key_mapping, materialize, read_tensors, release
 
 
 def _full_state(path):

@@ -13,8 +13,9 @@ import transformers
 
 from checkpoints import make_chat_data, make_checkpoint, make_text_data
 from emloc import EmulatorLinear, training
-from emloc.data import IGNORE, DataError, collate, load_examples, target_tokens
+from emloc.data import IGNORE, collate, load_examples, target_tokens
 from emloc.lora import LoraAdapter, add_lora, lora_parameters
+from emloc.rows import DataError
 from emloc.training import CausalLMLoss, TrainConfig, cosine_schedule, evaluate, train, training_step
 from emloc_kernels import lm_head_cross_entropy
 from emulators import emulate_in_memory, load_tiny
@@ -120,10 +121,10 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(training, "training_step", interrupted)
+    monkeypatch.setattr(training.loop, "training_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_steps(model_dir, chat, tokenizer, out=tmp_path, **settings)
-    monkeypatch.setattr(training, "training_step", step)
+    monkeypatch.setattr(training.loop, "training_step", step)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-2"]
     resumed, resumed_result = run_steps(model_dir, chat, tokenizer, out=tmp_path, **settings)
     assert_close(lora_state(resumed), lora_state(straight), rtol=1e-6, what="resumed LoRA weights")

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..errors import BuildError
-from ..streaming import atomic_write, file_sha256
+from ..files import atomic_write, file_sha256
 
 __all__ = ["CONFIG", "FORMAT_VERSION", "HEAL_ADAPTER", "HEAL_ADAPTER_UNIT", "HEAL_UNIT", "INDEX", "MANIFEST",
            "OUTER_UNIT", "REPORT", "Manifest", "save_tensors", "shard_name", "write_json"]

@@ -10,8 +10,9 @@ from torch import nn
 
 from .. import models
 from ..errors import BuildError
+from ..files import read_json
 from ..layers import EmulatorLinear
-from ..streaming import CheckpointIndex, materialize, read_json
+from ..streaming import CheckpointIndex, materialize
 from .directory import CONFIG
 
 __all__ = ["load_emulator", "read_emloc_section"]

@@ -12,11 +12,12 @@ import transformers
 
 from emloc_kernels.lowrank import METHODS
 
-from ..calibration import CalibrationBatch, CalibrationError, load_texts, make_batches, tokenize_samples
+from ..calibration import CalibrationBatch, load_texts, make_batches, tokenize_samples
 from ..data import pad_token_id
 from ..errors import BuildError, EmlocWarning, check_int
+from ..files import file_sha256
 from ..healing import HealConfig
-from ..streaming import file_sha256
+from ..rows import DataError
 from .plan import Compression, LinearPlan, covariance_keys
 from .source import SourceCheckpoint
 
@@ -66,7 +67,7 @@ def calibration_batches(data, tokenizer, max_samples, max_length, batch_size, se
     texts = load_texts(data, tokenizer, max_samples, seed)
     samples = tokenize_samples(texts, tokenizer, max_length)
     if not samples:
-        raise CalibrationError(f"{data}: no calibration sample has any token")
+        raise DataError(f"{data}: no calibration sample has any token")
     pad = pad_token_id(tokenizer)
     return make_batches(samples, batch_size, pad)
 

@@ -8,8 +8,8 @@ import torch
 
 from ..build import REPORT, build_emulator
 from ..errors import UserError
+from ..files import read_json
 from ..pipeline import DEFAULT_RATIO, plan_for_budget
-from ..streaming import read_json
 from ..training import TrainConfig
 from . import add_heal_arguments, heal_config, positive_int
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..streaming import read_json
+from ..files import read_json
 from ..training import TrainConfig
 from . import natural_int, positive_int
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..build import load_emulator
-from ..data import collate, load_examples
+from ..data import collate, load_examples, pad_token_id
 from ..lora import LoraAdapter
 from ..pipeline import run as emloc_run
 from ..training import ADAPTER_DIR, TrainConfig, train
@@ -89,7 +89,7 @@ class Comparison:
         train_split, self.test = make_splits(settings.task)
         self.data = write_chat_jsonl(train_split, workdir / "train.jsonl")
         self.examples = load_examples(self.data, self.tokenizer, max_length=64)
-        self.memory_batch = collate(self.examples[: settings.batch_size], self.tokenizer.pad_token_id)
+        self.memory_batch = collate(self.examples[: settings.batch_size], pad_token_id(self.tokenizer))
 
     def score(self, model: torch.nn.Module) -> float:
         return exact_match(model, self.tokenizer, self.test)

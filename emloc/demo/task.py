@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..data import pad_token_id
+
 
 @dataclass(frozen=True)
 class Example:
@@ -79,7 +81,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, examples: list[Example]) -> dict[
         answer = tokenizer(example.answer, add_special_tokens=False)["input_ids"]
         rows.append((prompt + answer, [-100] * len(prompt) + answer))
     width = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id
+    pad = pad_token_id(tokenizer)
     input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
     labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
     attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
