@@ -21,11 +21,11 @@ import os
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .build import read_emloc_section
 from .errors import UserError
 from .lora import LoraAdapter
+from .progress import track
 from .streaming import CheckpointIndex, key_mapping
 
 
@@ -90,7 +90,7 @@ def correct_lora(original_path: str | os.PathLike, emulator_path: str | os.PathL
     check_trained_on(adapter, read_emloc_section(emulator_path), emulator_path, where)
     key_of = weight_keys(adapter, original)
     corrected = {}
-    for name, (a, b) in tqdm(adapter.weights.items(), desc="correcting LoRA", unit="layer", disable=not progress):
+    for name, (a, b) in track(adapter.weights.items(), "correcting LoRA", "layer", enabled=progress):
         weight = original.load([key_of[name]], device)[key_of[name]]
         check_adapter_shapes(name, a, b, weight.shape, original_path)
         if f"{name}.u" in emulator:

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .correction import check_adapter_shapes, weight_keys
 from .errors import UserError
 from .files import atomic_directory
 from .locking import output_lock
 from .lora import LoraAdapter
+from .progress import track
 from .streaming import INDEX_FILE, CheckpointError, CheckpointIndex, read_header, read_tensors
 
 
@@ -77,7 +77,7 @@ def merge_adapter(adapter: LoraAdapter | str | os.PathLike, original_path: str |
         raise UserError(f"merge: the output directory {output_dir} is or holds the original model; choose another")
 
     def write(temp: Path) -> None:
-        for file in tqdm(original.files, desc="merging LoRA", unit="shard", disable=not progress):
+        for file in track(original.files, "merging LoRA", "shard", enabled=progress):
             path = original_path / file
             tensors = dict(read_tensors(path, [key for key in read_header(path)[0] if key != "__metadata__"]))
             for key, weight in tensors.items():

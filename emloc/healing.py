@@ -21,11 +21,11 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import models
 from .calibration import CalibrationBatch
 from .layers import EmulatorLinear
+from .progress import track
 from .training import compute_device, cosine_schedule, enable_checkpointing, place_input_embedding
 
 __all__ = ["HealConfig", "heal", "heal_loss", "heal_rank", "lm_head_kl_divergence", "merge_heal", "teacher_states"]
@@ -182,7 +182,7 @@ def heal(model: nn.Module, batches: list[CalibrationBatch], teachers: list[Tenso
     generator = torch.Generator().manual_seed(config.seed)
     order: list[int] = []
     losses = []
-    for _ in tqdm(range(config.steps), desc="healing the emulator", unit="step", disable=not progress):
+    for _ in track(range(config.steps), "healing the emulator", "step", enabled=progress):
         while len(order) < per_step:
             order += torch.randperm(len(batches), generator=generator).tolist()
         chosen, order = order[:per_step], order[per_step:]

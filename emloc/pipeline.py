@@ -64,7 +64,7 @@ def plan_for_budget(model_dir: str | os.PathLike, budget: str | int, config: Tra
     if dtype is not None:
         model_config = {**model_config, "torch_dtype": str(dtype).removeprefix("torch.")}
     result = replace(plan(model_config, budget, seq_len=config.max_length, batch=config.micro_batch_size,
-                          lora_r=config.lora_r, samples=max_samples, ratio=ratio, method=svd, heal_rank=heal_rank),
+                          lora_r=config.lora_r, samples=max_samples, ratio=ratio, svd=svd, heal_rank=heal_rank),
                      model=name)
     if not result.fits:
         given = "" if ratio is None else f"ratio {ratio} does not fit: "

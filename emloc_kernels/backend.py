@@ -36,9 +36,9 @@ def requested_backend() -> str | None:
     return value
 
 
-def _triton_unavailable_reason(tensors: tuple[torch.Tensor, ...]) -> str | None:
-    if not triton_installed():
-        return "the triton package is not installed"
+def device_problem(tensors: tuple[torch.Tensor, ...]) -> str | None:
+    """Why no Triton kernel can run on the devices of ``tensors``, or None where one can: CUDA tensors, or CPU
+    tensors under the interpreter. The dispatch and the launchers refuse with this one message."""
     devices = {t.device.type for t in tensors}
     if devices == {"cuda"}:
         return None
@@ -49,6 +49,12 @@ def _triton_unavailable_reason(tensors: tuple[torch.Tensor, ...]) -> str | None:
     return (
         f"tensors live on {sorted(devices)}; Triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1"
     )
+
+
+def _triton_unavailable_reason(tensors: tuple[torch.Tensor, ...]) -> str | None:
+    if not triton_installed():
+        return "the triton package is not installed"
+    return device_problem(tensors)
 
 
 def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:

@@ -5,6 +5,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from emloc_kernels import backend, covariance_update, reference, scaled_matmul
 from emloc_kernels.triton import covariance as triton_covariance
+from emloc_kernels.triton import emulator_linear as triton_emulator_linear
+from emloc_kernels.triton import lowrank as triton_lowrank
 
 
 @pytest.fixture
@@ -163,10 +165,33 @@ def test_float64_ops_run_the_reference_under_the_interpreter(env):
 
 @pytest.mark.parametrize("interpret", ["1", "0"])
 def test_upcast_dot_only_for_bf16_in_the_interpreter(monkeypatch, interpret):
-    from emloc_kernels.triton.common import upcast_dot
+    from emloc_kernels.triton.launch import upcast_dot
 
     monkeypatch.setenv("TRITON_INTERPRET", interpret)
     bf16, fp16, fp32 = (torch.ones(2, dtype=d) for d in (torch.bfloat16, torch.float16, torch.float32))
     assert upcast_dot(fp32, bf16, None) is (interpret == "1")
     assert upcast_dot(fp16, fp32, None) is False
     assert upcast_dot() is False
+
+
+# Every launcher called straight, past the dispatch, on (4, 4) CPU tensors.
+LAUNCHES = {
+    "covariance_update": lambda t: triton_covariance.covariance_update(torch.zeros(4, 4), t, None),
+    "scaled_matmul": lambda t: triton_lowrank.scaled_matmul(t, t, None, None, None, None),
+    "emulator_linear": lambda t: triton_emulator_linear.emulator_linear_forward(t, t, t, None, None, None, 1.0),
+    "emulator_linear_backward": lambda t: triton_emulator_linear.emulator_linear_backward(
+        t, t, t[:, :0], t, t, None, None, 1.0),
+}
+
+
+@pytest.mark.parametrize("op", LAUNCHES)
+def test_launchers_refuse_cpu_tensors_outside_the_interpreter(env, op):
+    """A launcher called on CPU tensors outside the interpreter fails before its kernel with the dispatch's
+    message, naming the op; nothing runs the reference instead."""
+    kernel = Calls(env, reference, "covariance_update")
+    matmul = Calls(env, reference, "scaled_matmul")
+    with pytest.raises(RuntimeError, match=rf"^{op}: cannot launch its Triton kernel: tensors live on \['cpu'\]; "
+                                           r"Triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1$"):
+        LAUNCHES[op](cpu())
+    assert (kernel.count, matmul.count) == (0, 0)
+

@@ -447,8 +447,8 @@ def test_unsupported_architectures_are_refused_before_writing(tmp_path, capsys, 
 # --- 10. numbers out of range -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("option, value", [("--samples", "0"), ("--samples", "-1"), ("--batch-size", "-1"),
-                                           ("--batch-size", "0"), ("--max-length", "0")])
+@pytest.mark.parametrize("option, value", [("--samples", "0"), ("--samples", "-1"), ("--batch", "-1"),
+                                           ("--batch", "0"), ("--max-length", "0")])
 def test_build_options_out_of_range_are_refused(tiny, tmp_path, capsys, option, value):
     line = cli_error(capsys, [*_commands(tiny, tmp_path / "out")["build"], option, value])
     assert line.startswith(f"emloc build: argument {option}: must be an integer of at least 1, got '{value}'")

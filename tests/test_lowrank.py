@@ -148,10 +148,9 @@ def test_scaled_matmul_mixed_dtypes(triton_backend, seed, a_dtype, b_dtype, out_
 def test_scaled_matmul_requests_ieee_fp32_dots(a_dtype, b_dtype, precision):
     """The interpreter computes every fp32 dot exactly whatever ``input_precision`` says, so a TF32 dot (about
     1e-3 relative error on the GPU) would pass every comparison above: check the request itself."""
-    from emloc_kernels.triton import lowrank as kernels
+    from emloc_kernels.triton.launch import dot_options
 
-    options = kernels._dot_options(torch.randn(2, 2).to(a_dtype), torch.randn(2, 2).to(b_dtype))
-    assert options["INPUT_PRECISION"] == precision
+    assert dot_options(torch.randn(2, 2).to(a_dtype), torch.randn(2, 2).to(b_dtype)).precision == precision
 
 
 # Compiles the kernel as the launcher would configure it on a GPU (largest tile config, every scale) for
@@ -162,11 +161,14 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from emloc_kernels.triton import lowrank
+from emloc_kernels.triton.launch import dot_options
 
 kernel, config = lowrank._scaled_matmul_kernel.fn, lowrank._configs()[0]
 for dtype, ptr in ((torch.float32, "*fp32"), (torch.bfloat16, "*bf16"), (torch.float16, "*fp16")):
     x = torch.zeros(1, 1, dtype=dtype)
-    constexprs = dict(HAS_ROW=True, HAS_INNER=True, HAS_COL=True, **lowrank._dot_options(x, x), **config.kwargs)
+    dot = dot_options(x, x)
+    constexprs = dict(HAS_ROW=True, HAS_INNER=True, HAS_COL=True, DOT_DTYPE=dot.dtype, INPUT_PRECISION=dot.precision,
+                      **config.kwargs)
     signature = {p.name: "constexpr" if p.is_constexpr else ptr if p.name.endswith("_ptr") else "i32"
                  for p in kernel.params}
     ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),

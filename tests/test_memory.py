@@ -141,8 +141,8 @@ def test_tracker_matches_cpu_allocator_on_a_real_training_step(torch_backend, se
     assert abs(tracker.peak - allocator) / allocator < 0.10, (tracker.peak, allocator)
 
 
-@pytest.mark.parametrize("method", ["exact", "randomized"])
-def test_tracker_matches_cpu_allocator_on_a_real_block_construction(torch_backend, seed, method):
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_tracker_matches_cpu_allocator_on_a_real_block_construction(torch_backend, seed, svd):
     config = {**tiny_config("qwen2", seed), "hidden_size": 96, "head_dim": 24, "intermediate_size": 263}
     cfg = dry_run._language_config(config, layers=1)
     cfg._attn_implementation = "sdpa"
@@ -155,7 +155,7 @@ def test_tracker_matches_cpu_allocator_on_a_real_block_construction(torch_backen
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with LiveBytesTracker("cpu") as tracker:
             covariances = build.calibrate_block(block, plan_, [item], sink=lambda index, output: None)
-            build.compress_block(block, plan_, covariances, svd=method)
+            build.compress_block(block, plan_, covariances, svd=svd)
     allocator = _allocator_peak(prof)
     assert abs(tracker.peak - allocator) / allocator < 0.10, (tracker.peak, allocator)
 
@@ -187,13 +187,13 @@ def test_tracker_counts_saved_tensors_until_backward_frees_them():
 # --- the analytic plan against the dry run of the pipeline's code --------------------------------------------
 
 
-@pytest.mark.parametrize("model_type,method", [("qwen2", "exact"), ("llama", "randomized")])
-def test_analytic_plan_agrees_with_dry_run_within_10_percent(model_type, method):
+@pytest.mark.parametrize("model_type,svd", [("qwen2", "exact"), ("llama", "randomized")])
+def test_analytic_plan_agrees_with_dry_run_within_10_percent(model_type, svd):
     # scaled down: the stages' proportions of a 32B model (MLP 5.4x the hidden size, GQA 5:1, large vocab)
     config = {"model_type": model_type, "hidden_size": 640, "intermediate_size": 3456, "num_hidden_layers": 8,
               "num_attention_heads": 5, "num_key_value_heads": 1, "vocab_size": 19008, "head_dim": 128,
               "tie_word_embeddings": False, "torch_dtype": "bfloat16", "max_position_embeddings": 4096}
-    p = plan(config, "2GiB", seq_len=1024, lora_r=8, samples=8, ratio=0.15, method=method)
+    p = plan(config, "2GiB", seq_len=1024, lora_r=8, samples=8, ratio=0.15, svd=svd)
     for stage, (planned, measured) in dry_run.verify(p).items():
         assert abs(planned - measured) / measured < 0.10, f"{stage}: planned {planned}, dry run {measured}"
 

@@ -82,15 +82,13 @@ def non_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def cli_error(capsys, argv: list[str]) -> str:
-    """Run ``emloc argv`` expecting a user error: exit status 2 and one line ``emloc COMMAND: ...`` on stderr,
-    the last one (progress bars may come before it), no traceback. Returns that line."""
+    """Run ``emloc argv`` expecting a user error: exit status 2 returned (a bad option too, not raised as
+    SystemExit) and one line ``emloc COMMAND: ...`` on stderr, the last one (progress lines may come before
+    it), no traceback. Returns that line."""
     from emloc import cli
 
     capsys.readouterr()
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:  # argparse's own refusals
-        code = exc.code
+    code = cli.main(argv)
     err = capsys.readouterr().err.strip()
     assert code == 2, f"exit status {code}, stderr: {err}"
     lines = err.split("\n")

@@ -16,7 +16,6 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from emloc_kernels.lowrank import Method
 
@@ -24,6 +23,7 @@ from .. import hostmem
 from ..calibration import CalibrationBatch
 from ..healing import HealConfig
 from ..locking import holds_output_lock
+from ..progress import progress as progress_bar
 from ..streaming import release
 from .activations import ActivationStore, FiniteSink, block_inputs, default_host_budget
 from .block import BlockInput, calibrate_block, check_finite, compress_block, emulate_block, run_block
@@ -111,7 +111,7 @@ def build_emulator(
         for index in range(blocks):
             name, file = f"{source.prefix}.{index}", shard_name(index + 2, blocks + 1)
             inputs = functools.partial(block_inputs, store, kwargs, batches, index, source.device)
-            bar = tqdm(total=len(batches), desc=f"block {index + 1}/{blocks}", unit="batch", disable=not progress)
+            bar = progress_bar(len(batches), f"block {index + 1}/{blocks}", "batch", enabled=progress)
             sink = FiniteSink(store)
             if manifest.finished(name) is not None:
                 block = _finished_block(source, index, plan[index], output_dir / file, propagate)

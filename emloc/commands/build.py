@@ -4,14 +4,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from ..build import REPORT, build_emulator
 from ..errors import UserError
 from ..files import read_json
 from ..pipeline import DEFAULT_RATIO, plan_for_budget
 from ..training import TrainConfig
-from . import add_heal_arguments, heal_config, positive_int
+from .options import (
+    add_batch_argument,
+    add_device_argument,
+    add_dtype_argument,
+    add_heal_arguments,
+    add_samples_argument,
+    add_svd_argument,
+    heal_config,
+    positive_int,
+)
+
+CALIBRATION_BATCH = 4  # build_emulator's batch_size
 
 
 def add_parser(subparsers) -> None:
@@ -30,18 +39,17 @@ def add_parser(subparsers) -> None:
                             "largest that fits)")
     ratio.add_argument("--compress", type=Path, metavar="CONFIG.json",
                        help="JSON object {regex over module names: ratio}; first match wins")
-    parser.add_argument("--samples", type=positive_int, default=64, help="calibration samples (default 64)")
+    add_samples_argument(parser)
     parser.add_argument("--max-length", type=positive_int, default=2048, help="tokens per sample (default 2048)")
     batch = parser.add_mutually_exclusive_group()
-    batch.add_argument("--batch-size", type=positive_int, default=None,
-                       help="samples per calibration batch (default 4)")
+    # No default value: --budget conflicts with --batch whenever it is given, even at the default.
+    add_batch_argument(batch, f"samples per calibration batch (default {CALIBRATION_BATCH})")
     batch.add_argument("--budget", default=None, metavar="SIZE",
                        help="device memory to fit (24GiB, 20GB, ...): the ratio (unless given) and the calibration "
                             "batch follow the memory plan, for training with the defaults of `emloc train` after")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
-                        help="compute and storage dtype (default: the checkpoint's)")
-    parser.add_argument("--svd", choices=("exact", "randomized"), default="exact")
+    add_device_argument(parser)
+    add_dtype_argument(parser)
+    add_svd_argument(parser)
     parser.add_argument("--propagate", choices=("original", "emulator"), default="original",
                         help="feed each block the original activations or the compressed blocks' outputs")
     parser.add_argument("--seed", type=int, default=0, help="seed drawing the calibration samples")
@@ -71,23 +79,22 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _planned(args, dtype) -> dict:
+def _planned(args) -> dict:
     """Arguments of the build from the memory plan within ``--budget`` (the ratio unless given)."""
     ratio = _compression(args) if args.ratio is not None or args.compress else None
     heal = heal_config(args)
     followed = plan_for_budget(args.model_dir, args.budget, TrainConfig(max_length=args.max_length), ratio,
-                               args.samples, args.svd, dtype, heal.rank if heal is not None else 0)
+                               args.samples, args.svd, args.dtype, heal.rank if heal is not None else 0)
     print(followed.table())
     return followed.build_kwargs()
 
 
 def run(args) -> int:
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     build_args = {"compression": _compression(args), "max_samples": args.samples, "max_length": args.max_length,
-                  "batch_size": 4 if args.batch_size is None else args.batch_size, "svd": args.svd}
+                  "batch_size": CALIBRATION_BATCH if args.batch is None else args.batch, "svd": args.svd}
     if args.budget is not None:
-        build_args = _planned(args, dtype)
-    out = build_emulator(args.model_dir, args.data, args.out, device=args.device, dtype=dtype,
+        build_args = _planned(args)
+    out = build_emulator(args.model_dir, args.data, args.out, device=args.device, dtype=args.dtype,
                          propagate=args.propagate, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
                          heal=heal_config(args), damping=args.damping, **build_args)
     print(summary(json.loads((out / REPORT).read_text())))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_clamp_argument, clamp
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -13,9 +15,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("emulator", help="emulator directory the adapter was trained on")
     parser.add_argument("adapter", help="trained adapter directory (OUT/adapter of `emloc train`)")
     parser.add_argument("--out", required=True, help="directory for the corrected adapter")
-    clamp = parser.add_mutually_exclusive_group()
-    clamp.add_argument("--clamp", type=float, default=3.0, help="cap per LoRA direction (default 3.0)")
-    clamp.add_argument("--no-clamp", action="store_true", help="apply the full correction")
+    add_clamp_argument(parser)
     parser.add_argument("--device", default="cpu", help="where the float64 correction runs (default cpu)")
     parser.set_defaults(func=run)
 
@@ -25,7 +25,6 @@ def run(args: argparse.Namespace) -> int:
     from ..locking import output_lock
 
     with output_lock(args.out):  # taken first: a second correction into --out fails before computing
-        adapter = correct_lora(args.model, args.emulator, args.adapter, None if args.no_clamp else args.clamp,
-                               device=args.device)
+        adapter = correct_lora(args.model, args.emulator, args.adapter, clamp(args), device=args.device)
         print(f"corrected {len(adapter.weights)} layers -> {adapter.save(args.out)}")
     return 0

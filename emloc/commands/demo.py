@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from . import positive_int
+from .options import positive_int
 
 
 def add_parser(subparsers) -> None:

@@ -7,7 +7,7 @@ import json
 
 from ..memory import plan, reference_configs
 from ..memory.planner import DEFAULT_HEAL_RANK
-from . import natural_int, positive_int
+from .options import add_batch_argument, add_samples_argument, add_svd_argument, natural_int, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -19,9 +19,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("model", help="model directory, config.json, or the name of a shipped config")
     parser.add_argument("--budget", default="24GiB", help="device memory per stage (24GiB, 20GB, ...; default 24GiB)")
     parser.add_argument("--seq-len", type=positive_int, default=2048, help="training sequence length (default 2048)")
-    parser.add_argument("--batch", type=positive_int, default=1, help="training micro-batch (default 1)")
+    add_batch_argument(parser, "training micro-batch (default %(default)s)", default=1)
     parser.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank on every decoder linear (default 8)")
-    parser.add_argument("--samples", type=positive_int, default=64, help="calibration samples (default 64)")
+    add_samples_argument(parser)
     parser.add_argument("--heal-rank", type=natural_int, default=DEFAULT_HEAL_RANK,
                         help="heal adapter rank when the build heals (`--heal-steps`; default 0: it does not)")
     target = parser.add_mutually_exclusive_group()
@@ -29,7 +29,7 @@ def add_parser(subparsers) -> None:
     target.add_argument("--emulator-params", help="plan the smallest ratio giving this many parameters (e.g. 5B)")
     parser.add_argument("--vision", choices=("compress", "dense"), default="compress",
                         help="compress a vision tower or keep it dense (frozen either way; default compress)")
-    parser.add_argument("--method", choices=("exact", "randomized"), default="exact", help="factorisation")
+    add_svd_argument(parser)
     parser.add_argument("--embeddings-on-device", action="store_true",
                         help="keep the input embedding on the device in training (default: on the host)")
     parser.add_argument("--dry-run", action="store_true",
@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     result = plan(args.model, args.budget, args.seq_len, args.batch, args.lora_r, args.samples, ratio=args.ratio,
-                  emulator_params=args.emulator_params, vision=args.vision, method=args.method,
+                  emulator_params=args.emulator_params, vision=args.vision, svd=args.svd,
                   embeddings_on_device=args.embeddings_on_device, heal_rank=args.heal_rank)
     checked = None
     if args.dry_run:

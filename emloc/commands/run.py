@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_heal_arguments, heal_config, positive_int
-from .train import DTYPES, add_training_arguments, train_config
+from .options import add_clamp_argument, add_heal_arguments, add_samples_argument, add_svd_argument, clamp, heal_config
+from .train import add_training_arguments, train_config
 
 
 def add_parser(subparsers) -> None:
@@ -19,12 +19,12 @@ def add_parser(subparsers) -> None:
                         help="compression ratio of the emulator (default 0.4; with --budget the largest that fits)")
     parser.add_argument("--budget", default=None, metavar="SIZE",
                         help="device memory to fit (24GiB, 20GB, ...): build and training follow the memory plan")
-    parser.add_argument("--samples", type=positive_int, default=64, help="calibration samples (default 64)")
-    parser.add_argument("--svd", choices=("exact", "randomized"), default="exact")
+    add_samples_argument(parser)
+    add_svd_argument(parser)
     parser.add_argument("--correction", choices=("none", "paper"), default="none",
                         help="export the adapter as trained on the (healed) emulator, or after the paper's "
                              "correction (default none: it transfers better, docs/design.md §1.9)")
-    parser.add_argument("--clamp", type=float, default=3.0, help="the paper correction's clamp (default 3.0; 0: off)")
+    add_clamp_argument(parser)
     parser.add_argument("--merge", action="store_true", help="also write the merged checkpoint")
     parser.add_argument("--no-eval", action="store_true", help="skip evaluating the original model")
     parser.add_argument("--overwrite", action="store_true",
@@ -39,9 +39,9 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import run as run_pipeline
 
     summary = run_pipeline(args.model, args.data, args.out, args.ratio, train_config=train_config(args, None),
-                           clamp=args.clamp or None, correction=args.correction, heal=heal_config(args),
+                           clamp=clamp(args), correction=args.correction, heal=heal_config(args),
                            damping=args.damping, merge=args.merge, device=args.device,
-                           dtype=DTYPES.get(args.dtype), max_samples=args.samples, svd=args.svd,
+                           dtype=args.dtype, max_samples=args.samples, svd=args.svd,
                            evaluate_original=not args.no_eval, budget=args.budget, overwrite=args.overwrite)
     print(format_summary(summary))
     return 0

@@ -13,9 +13,7 @@ import torch
 from ..errors import UserError
 from ..files import read_json
 from ..training import TrainConfig
-from . import natural_int, positive_int
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from .options import add_batch_argument, add_device_argument, add_dtype_argument, natural_int, positive_int
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +21,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     group = parser.add_argument_group("training")
     group.add_argument("--steps", type=positive_int, default=d.max_steps, help="optimizer steps (default %(default)s)")
-    group.add_argument("--batch", type=positive_int, default=d.micro_batch_size,
-                       help="micro-batch (default %(default)s)")
+    add_batch_argument(group, "training micro-batch (default %(default)s)", default=d.micro_batch_size)
     group.add_argument("--accum", type=positive_int, default=d.grad_accum,
                        help="gradient accumulation (default %(default)s)")
     group.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate (default %(default)s)")
@@ -46,8 +43,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        help="evaluate every N steps (0: at the end)")
     group.add_argument("--save-steps", type=positive_int, default=d.save_steps, help="checkpoint every N steps")
     group.add_argument("--seed", type=int, default=d.seed)
-    group.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="base weight dtype (default: stored)")
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    add_dtype_argument(group)
+    add_device_argument(group)
 
 
 def train_config(args: argparse.Namespace, output_dir: str | None) -> TrainConfig:
@@ -114,13 +111,13 @@ def run(args: argparse.Namespace) -> int:
     config = train_config(args, args.out)
     if args.budget is not None:
         followed = plan_for_budget(args.emulator, args.budget, config, _emulator_ratio(args.emulator),
-                                   dtype=DTYPES.get(args.dtype), heal_rank=0)  # the emulator is built
+                                   dtype=args.dtype, heal_rank=0)  # the emulator is built
         print(followed.table())
         config = dataclasses.replace(config, **followed.train_kwargs())
     # rank 0 writes --out: it takes the lock before the emulator loads, so a second run fails at once
     with output_lock(args.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.emulator)
-        model = load_emulator(args.emulator, device=device, dtype=DTYPES.get(args.dtype))
+        model = load_emulator(args.emulator, device=device, dtype=args.dtype)
         result = train(model, args.data, config, tokenizer=tokenizer)
     if result.adapter_dir is not None:
         print(json.dumps({"steps": result.steps, "first_loss": result.losses[0], "last_loss": result.losses[-1],

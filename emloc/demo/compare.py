@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..build import load_emulator
 from ..data import collate, load_examples, pad_token_id
 from ..lora import LoraAdapter
 from ..pipeline import run as emloc_run
+from ..progress import progress
 from ..training import ADAPTER_DIR, TrainConfig, train
 from .configs import BASELINES, DEFAULT, ModelSpec
 from .measure import training_peak_bytes
@@ -132,7 +132,7 @@ class Comparison:
         settings = self.settings
         jobs = len(settings.seeds) * (1 + 2 * len(settings.ratios))
         runs = self.zero_shot()
-        with tqdm(total=jobs, desc="fine-tuning runs", unit="run") as bar:
+        with progress(jobs, "fine-tuning runs", "run") as bar:
             for seed in settings.seeds:
                 accuracy, peak, seconds = self.lora(settings.model, seed)
                 runs += [Run(FULL_LORA, ratio, seed, accuracy, peak, seconds) for ratio in settings.ratios]

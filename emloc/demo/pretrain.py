@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from ..progress import progress
 from .configs import ASSETS, MODELS, VOCAB_SIZE, ModelSpec
 from .corpus import corpus_description, stdlib_corpus
 from .tokenizer import train_tokenizer
@@ -57,8 +57,8 @@ def cosine_lr(step: int, recipe: Recipe) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
     if step < recipe.warmup:
         return recipe.lr * (step + 1) / recipe.warmup
-    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
-    return recipe.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+    fraction = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+    return recipe.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * fraction)))
 
 
 @torch.no_grad()
@@ -81,18 +81,19 @@ def pretrain(spec: ModelSpec, train: torch.Tensor, heldout: torch.Tensor,
                                    {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
     generator = torch.Generator().manual_seed(recipe.seed)
     model.train()
-    progress = tqdm(range(recipe.steps), desc=f"pretrain {spec.name}")
-    for step in progress:
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, recipe)
-        batch = random_windows(train, recipe.batch_size, recipe.seq_len, generator)
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 50 == 0:
-            progress.set_postfix(loss=f"{loss.item():.3f}")
+    with progress(recipe.steps, f"pretrain {spec.name}", "step") as bar:
+        for step in range(recipe.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, recipe)
+            batch = random_windows(train, recipe.batch_size, recipe.seq_len, generator)
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update()
     return model, heldout_loss(model, heldout, recipe.seq_len)
 
 

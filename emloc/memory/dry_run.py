@@ -75,7 +75,7 @@ def _tokens(batch: int, seq_len: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.empty_like(ids), "labels": torch.empty_like(ids)}
 
 
-def measure_construction(config: dict, ratio: float, seq_len: int, micro_batch: int, method: str,
+def measure_construction(config: dict, ratio: float, seq_len: int, micro_batch: int, svd: str,
                          dtype: torch.dtype = torch.bfloat16) -> int:
     """Peak device bytes to calibrate and compress one decoder block on one micro-batch."""
     model = _meta_model(_language_config(config, layers=1), dtype)
@@ -93,7 +93,7 @@ def measure_construction(config: dict, ratio: float, seq_len: int, micro_batch: 
         # the sink is where a build sends each output to the host; here it is simply dropped
         covariances = calibrate_block(block, plan, [item], sink=lambda index, output: None)
         del item, hidden
-        compress_block(block, plan, covariances, svd=method)
+        compress_block(block, plan, covariances, svd=svd)
     return tracker.peak
 
 

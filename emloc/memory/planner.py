@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, replace
 
+from emloc_kernels.lowrank import METHODS
+
 from ..errors import UserError
 from . import estimate
 from .estimate import TERMS, Settings, StageMemory
@@ -219,7 +221,7 @@ def _ratio_for_params(spec: ModelSpec, s: Settings, target: int) -> float:
 
 def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch: int = 1, lora_r: int = 8,
          samples: int = 64, *, ratio: float | None = None, emulator_params: str | int | None = None,
-         vision: str = "compress", method: str = "exact", embeddings_on_device: bool = False,
+         vision: str = "compress", svd: str = "exact", embeddings_on_device: bool = False,
          image_tiles: int | None = None, lm_head_chunk: int | None = None,
          calibration_micro_batch: int | None = None, heal_rank: int = DEFAULT_HEAL_RANK) -> Plan:
     """Plan the memory of building an emulator, training LoRA on it, correcting and exporting it.
@@ -234,7 +236,7 @@ def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch:
         emulator_params: instead of ``ratio``, the emulator size to plan for (``"5B"`` or a count): the
             smallest ratio giving at least that many parameters.
         vision: ``"compress"`` the vision tower with the same ratio or keep it ``"dense"`` (frozen either way).
-        method: ``"exact"`` or ``"randomized"`` factorisation.
+        svd: the factorisation, one of ``emloc_kernels.lowrank.METHODS`` (``"exact"``, ``"randomized"``).
         embeddings_on_device: keep the input embedding on the device in training (default: on the host).
         image_tiles: image tiles per sample for a vision model (default: as many as ``seq_len`` holds).
         lm_head_chunk, calibration_micro_batch: override the planned values.
@@ -251,8 +253,8 @@ def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch:
         raise UserError(f"plan: heal_rank must be an integer >= 0, got {heal_rank!r}")
     if vision not in ("compress", "dense"):
         raise UserError(f"plan: vision must be 'compress' or 'dense', got {vision!r}")
-    if method not in ("exact", "randomized"):
-        raise UserError(f"plan: method must be 'exact' or 'randomized', got {method!r}")
+    if svd not in METHODS:
+        raise UserError(f"plan: svd must be one of {', '.join(METHODS)}, got {svd!r}")
     if ratio is not None and not 0 < ratio <= 1:
         raise UserError(f"plan: ratio must be in (0, 1], got {ratio!r}")
     if ratio is not None and emulator_params is not None:
@@ -262,7 +264,7 @@ def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch:
     budget_bytes = parse_bytes(budget)
     chunk = lm_head_chunk or _lm_head_chunk(spec, batch * seq_len, budget_bytes)
     s = Settings(ratio=ratio or 1.0, seq_len=seq_len, batch=batch, lora_r=lora_r, samples=samples,
-                 lm_head_chunk=chunk, method=method, compress_vision=vision == "compress",
+                 lm_head_chunk=chunk, method=svd, compress_vision=vision == "compress",
                  embeddings_on_device=embeddings_on_device, image_tiles=image_tiles, heal_rank=heal_rank)
     if emulator_params is not None:
         s = replace(s, ratio=_ratio_for_params(spec, s, parse_count(emulator_params)))

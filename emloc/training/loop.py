@@ -14,13 +14,13 @@ import torch
 import torch.distributed as dist
 import transformers
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..data import collate, load_examples, pad_token_id, split_examples, target_tokens
 from ..errors import UserError
 from ..files import atomic_write_text
 from ..locking import output_lock
 from ..lora import LoraAdapter, add_lora, lora_modules, lora_parameters
+from ..progress import progress
 from .checkpoints import ADAPTER_DIR, resume, save_checkpoint
 from .config import TrainConfig
 from .evaluation import evaluate
@@ -160,8 +160,8 @@ def _run_steps(run: _Run, step: int, history: list[float]) -> int:
     batches = _global_batches(len(run.examples), per_rank * run.world, config.seed)
     for _ in range(step):  # the data order depends only on the step: skip what was already trained on
         next(batches)
-    bar = tqdm(total=config.max_steps, initial=step, desc="training LoRA", unit="step",
-               disable=not config.progress or run.rank != 0)
+    bar = progress(config.max_steps, "training LoRA", "step", enabled=config.progress and run.rank == 0,
+                   initial=step)
     while step < config.max_steps:
         chosen = [run.examples[i] for i in next(batches)]
         micro = _micro_batches(run, chosen[run.rank * per_rank:(run.rank + 1) * per_rank])

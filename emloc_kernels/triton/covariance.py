@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import upcast_dot
+from .launch import dot_options, on_device
 
 
 @triton.jit
@@ -35,8 +35,8 @@ def _covariance_kernel(
     T, n,
     stride_cov_r, stride_cov_c, stride_x_t, stride_x_n, stride_mask,
     HAS_MASK: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -64,10 +64,7 @@ def _covariance_kernel(
             x_ptr + row_offsets[:, None] + cols_j[None, :] * stride_x_n,
             mask=selected[:, None] & in_j[None, :], other=0.0,
         )
-        if UPCAST:
-            x_i_t = x_i_t.to(tl.float32)
-            x_j = x_j.to(tl.float32)
-        acc = tl.dot(x_i_t, x_j, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(x_i_t.to(DOT_DTYPE), x_j.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
     in_tile = in_i[:, None] & in_j[None, :]
     upper = cov_ptr + cols_i[:, None] * stride_cov_r + cols_j[None, :] * stride_cov_c
@@ -95,19 +92,20 @@ def covariance_update(cov: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | N
         mask: optional ``(T,)`` bool tensor; rows where it is False contribute nothing.
     """
     T, n = x.shape
-    if T == 0 or n == 0:
-        return
-    block_n, block_t, num_warps = _launch_config(x)
-    tiles = triton.cdiv(n, block_n)
-    _covariance_kernel[(tiles * (tiles + 1) // 2,)](
-        cov, x, mask,
-        T, n,
-        cov.stride(0), cov.stride(1), x.stride(0), x.stride(1), 0 if mask is None else mask.stride(0),
-        HAS_MASK=mask is not None,
-        UPCAST=upcast_dot(x),
-        # fp32 inputs must not drop to TF32 (10-bit mantissa): the result would miss the fp32 tolerance.
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_N=block_n,
-        BLOCK_T=block_t,
-        num_warps=num_warps,
-    )
+    with on_device("covariance_update", cov, x, mask):
+        if T == 0 or n == 0:
+            return
+        block_n, block_t, num_warps = _launch_config(x)
+        tiles = triton.cdiv(n, block_n)
+        dot = dot_options(x)
+        _covariance_kernel[(tiles * (tiles + 1) // 2,)](
+            cov, x, mask,
+            T, n,
+            cov.stride(0), cov.stride(1), x.stride(0), x.stride(1), 0 if mask is None else mask.stride(0),
+            HAS_MASK=mask is not None,
+            DOT_DTYPE=dot.dtype,
+            INPUT_PRECISION=dot.precision,
+            BLOCK_N=block_n,
+            BLOCK_T=block_t,
+            num_warps=num_warps,
+        )

@@ -20,7 +20,6 @@ extra rounding is within the half-precision tolerance); each output is cast once
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +27,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreted
-from .common import upcast_dot
-
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+from .launch import dot_options, on_device
 
 
 @triton.jit
@@ -168,17 +165,6 @@ def _narrow_block(size: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(size)))
 
 
-def _dot(p: torch.Tensor, q: torch.Tensor) -> dict:
-    """Dot dtype and precision for ``p @ q``: the promoted dtype (fp32 where the interpreter would multiply
-    bf16), with IEEE-exact fp32 products rather than TF32."""
-    dtype = torch.float32 if upcast_dot(p, q) else torch.promote_types(p.dtype, q.dtype)
-    return {"dtype": _TL_DTYPES[dtype], "precision": "ieee" if dtype == torch.float32 else None}
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _project(p: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, scale2: float,
              dtype2: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(p w1^T, scale2 p w2^T)`` in one launch; ``w1``/``w2`` are ``(N, K)`` views with any strides.
@@ -193,19 +179,18 @@ def _project(p: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, scale2:
         return o1, o2
     t = _tiles(p, w1)  # sized for the main product; the narrow w2 tiles keep their own dot dtype
     block_n2 = _narrow_block(n2, t.block_n)
-    dot1, dot2 = _dot(p, w1), _dot(p, w1 if w2 is None else w2)
+    dot1, dot2 = dot_options(p, w1), dot_options(p, w1 if w2 is None else w2)
     w2, o2_arg = (w1, o1) if w2 is None else (w2, o2)  # no w2 tiles are launched when n2 == 0
     grid = (triton.cdiv(n1, t.block_n) + triton.cdiv(n2, block_n2), triton.cdiv(m, t.block_m))
-    with _device_guard(p):
-        _projection_kernel[grid](
-            p, w1, w2, o1, o2_arg,
-            m, k, n1, n2, scale2,
-            p.stride(0), p.stride(1), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
-            o1.stride(0), o1.stride(1), o2_arg.stride(0), o2_arg.stride(1),
-            DOT1=dot1["dtype"], PRECISION1=dot1["precision"], DOT2=dot2["dtype"], PRECISION2=dot2["precision"],
-            BLOCK_M=t.block_m, BLOCK_N1=t.block_n, BLOCK_N2=block_n2, BLOCK_K=t.block_k,
-            num_warps=t.num_warps, num_stages=t.num_stages,
-        )
+    _projection_kernel[grid](
+        p, w1, w2, o1, o2_arg,
+        m, k, n1, n2, scale2,
+        p.stride(0), p.stride(1), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
+        o1.stride(0), o1.stride(1), o2_arg.stride(0), o2_arg.stride(1),
+        DOT1=dot1.dtype, PRECISION1=dot1.precision, DOT2=dot2.dtype, PRECISION2=dot2.precision,
+        BLOCK_M=t.block_m, BLOCK_N1=t.block_n, BLOCK_N2=block_n2, BLOCK_K=t.block_k,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
     return o1, o2
 
 
@@ -230,20 +215,19 @@ def _expand(p1: torch.Tensor, q1: torch.Tensor, out_dtype: torch.dtype, *, scale
     out = torch.empty((splits, m, n), dtype=torch.float32 if splits > 1 else out_dtype, device=p1.device)
     if m and n:
         p2, q2 = second if second is not None else (p1, q1)
-        dot1, dot2 = _dot(p1, q1), _dot(p2, q2)
+        dot1, dot2 = dot_options(p1, q1), dot_options(p2, q2)
         grid = (triton.cdiv(n, t.block_n), triton.cdiv(m, t.block_m), splits)
-        with _device_guard(p1):
-            _expansion_kernel[grid](
-                p1, q1, p2, q2, p1 if bias is None else bias, out,
-                m, n, k1, 0 if second is None else p2.shape[1], scale1, scale2, split_k1,
-                p1.stride(0), p1.stride(1), q1.stride(0), q1.stride(1),
-                p2.stride(0), p2.stride(1), q2.stride(0), q2.stride(1),
-                0 if bias is None else bias.stride(0), out.stride(0), out.stride(1), out.stride(2),
-                HAS_SECOND=second is not None, HAS_BIAS=bias is not None,
-                DOT1=dot1["dtype"], PRECISION1=dot1["precision"], DOT2=dot2["dtype"], PRECISION2=dot2["precision"],
-                BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K1=t.block_k, BLOCK_K2=block_k2,
-                num_warps=t.num_warps, num_stages=t.num_stages,
-            )
+        _expansion_kernel[grid](
+            p1, q1, p2, q2, p1 if bias is None else bias, out,
+            m, n, k1, 0 if second is None else p2.shape[1], scale1, scale2, split_k1,
+            p1.stride(0), p1.stride(1), q1.stride(0), q1.stride(1),
+            p2.stride(0), p2.stride(1), q2.stride(0), q2.stride(1),
+            0 if bias is None else bias.stride(0), out.stride(0), out.stride(1), out.stride(2),
+            HAS_SECOND=second is not None, HAS_BIAS=bias is not None,
+            DOT1=dot1.dtype, PRECISION1=dot1.precision, DOT2=dot2.dtype, PRECISION2=dot2.precision,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K1=t.block_k, BLOCK_K2=block_k2,
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )
     return out[0] if splits == 1 else out.sum(0).to(out_dtype)
 
 
@@ -264,13 +248,14 @@ def emulator_linear_forward(
     ``x (T, n)`` with any strides; ``v (r, n)``, ``u (m, r)``, ``bias (m,)``, ``lora_a (k, n)``, ``lora_b (m, k)``.
     Without LoRA ``xa`` is ``(T, 0)``.
     """
-    h, xa = _project(x, v, lora_a, 1.0, x.dtype)
-    if xa is None:
-        xa = x.new_empty((x.shape[0], 0))
-        second = None
-    else:
-        second = (xa, lora_b.T)
-    y = _expand(h, u.T, x.dtype, second=second, scale2=scaling, bias=bias)
+    with on_device("emulator_linear", x, v, u, bias, lora_a, lora_b):
+        h, xa = _project(x, v, lora_a, 1.0, x.dtype)
+        if xa is None:
+            xa = x.new_empty((x.shape[0], 0))
+            second = None
+        else:
+            second = (xa, lora_b.T)
+        y = _expand(h, u.T, x.dtype, second=second, scale2=scaling, bias=bias)
     return y, xa
 
 
@@ -289,13 +274,14 @@ def emulator_linear_backward(
     Each gradient has the dtype of the tensor it belongs to; ``da``/``db`` are None without LoRA.
     ``grad_y (T, m)`` may have any strides (including the zero strides of an expanded gradient).
     """
-    # [dy u, s dy b]: w1 = u^T (r, m), w2 = b^T (k, m); s dy b keeps b's precision for the LoRA gradient.
-    lora_b_t = None if lora_b is None else lora_b.T
-    dy_u, dy_b = _project(grad_y, u.T, lora_b_t, scaling,
-                          grad_y.dtype if lora_b is None else torch.promote_types(grad_y.dtype, lora_b.dtype))
-    if lora_a is None:
-        return _expand(dy_u, v, x.dtype), None, None
-    dx = _expand(dy_u, v, x.dtype, second=(dy_b, lora_a))
-    grad_a = _expand(dy_b.T, x, lora_a.dtype)
-    grad_b = _expand(grad_y.T, xa, lora_b.dtype, scale1=scaling)
+    with on_device("emulator_linear_backward", grad_y, x, xa, v, u, lora_a, lora_b):
+        # [dy u, s dy b]: w1 = u^T (r, m), w2 = b^T (k, m); s dy b keeps b's precision for the LoRA gradient.
+        lora_b_t = None if lora_b is None else lora_b.T
+        dy_u, dy_b = _project(grad_y, u.T, lora_b_t, scaling,
+                              grad_y.dtype if lora_b is None else torch.promote_types(grad_y.dtype, lora_b.dtype))
+        if lora_a is None:
+            return _expand(dy_u, v, x.dtype), None, None
+        dx = _expand(dy_u, v, x.dtype, second=(dy_b, lora_a))
+        grad_a = _expand(dy_b.T, x, lora_a.dtype)
+        grad_b = _expand(grad_y.T, xa, lora_b.dtype, scale1=scaling)
     return dx, grad_a, grad_b

@@ -8,16 +8,12 @@ in dtype; accumulation is fp32, and fp32 dots are IEEE-exact because the product
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from ..backend import triton_interpreted
-from .common import upcast_dot
-
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+from .launch import dot_options, on_device
 
 
 def _configs() -> list[triton.Config]:
@@ -83,13 +79,6 @@ def _scaled_matmul_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
 
 
-def _dot_options(a: torch.Tensor, b: torch.Tensor) -> dict:
-    """The dot's constexprs: both tiles are cast to the promoted input dtype (fp32 when fp16 meets bf16 or fp32,
-    and where the interpreter cannot multiply bf16); fp32 dots are IEEE, not TF32, as the products feed SVDs."""
-    dtype = torch.float32 if upcast_dot(a, b) else torch.promote_types(a.dtype, b.dtype)
-    return {"DOT_DTYPE": _TL_DTYPES[dtype], "INPUT_PRECISION": "ieee" if dtype == torch.float32 else None}
-
-
 def scaled_matmul(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -105,16 +94,16 @@ def scaled_matmul(
     (tensor cores), so ``a * inner_scale`` must stay in that dtype's range.
     """
     (m, k), n = a.shape, b.shape[1]
-    out = torch.empty((m, n), dtype=out_dtype or torch.promote_types(a.dtype, b.dtype), device=a.device)
-    if m == 0 or n == 0:
-        return out
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    # Absent scales are never loaded (constexpr flags); any pointer fills their slot.
-    guard = torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext()
-    with guard:
+    with on_device("scaled_matmul", a, b, row_scale, inner_scale, col_scale):
+        out = torch.empty((m, n), dtype=out_dtype or torch.promote_types(a.dtype, b.dtype), device=a.device)
+        if m == 0 or n == 0:
+            return out
+        dot = dot_options(a, b)
+        # Absent scales are never loaded (constexpr flags); any pointer fills their slot.
         _scaled_matmul_kernel[grid](
             a, b, out,
             a if row_scale is None else row_scale,
@@ -126,6 +115,7 @@ def scaled_matmul(
             HAS_ROW=row_scale is not None,
             HAS_INNER=inner_scale is not None,
             HAS_COL=col_scale is not None,
-            **_dot_options(a, b),
+            DOT_DTYPE=dot.dtype,
+            INPUT_PRECISION=dot.precision,
         )
     return out
