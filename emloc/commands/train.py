@@ -6,12 +6,10 @@ import contextlib
 import dataclasses
 import json
 import os
-from pathlib import Path
 
 import torch
 
 from ..errors import UserError
-from ..files import read_json
 from ..training import TrainConfig
 from .options import add_batch_argument, add_device_argument, add_dtype_argument, natural_int, positive_int
 
@@ -88,12 +86,9 @@ def _init_distributed() -> str | None:
 
 def _emulator_ratio(emulator_dir: str) -> float:
     """The single compression ratio an emulator directory was built with (its config's ``emloc`` section)."""
-    path = Path(emulator_dir) / "config.json"
-    try:
-        compression = read_json(path)["emloc"]["compression"]
-    except (UserError, KeyError, TypeError):
-        raise UserError(
-            f"{emulator_dir}: not an emloc emulator directory ({path} without an 'emloc' section)") from None
+    from ..build import read_emloc_section
+
+    compression = read_emloc_section(emulator_dir)["compression"]
     if list(compression) != [".*"]:
         raise UserError(f"{emulator_dir}: built with per-module ratios {compression}; --budget plans one ratio")
     return compression[".*"]
