@@ -4,10 +4,9 @@ glibc serves a request from free heap space when some fits; otherwise one of at 
 gets a mapping of its own, returned to the OS on free. The threshold starts at 128 KiB and rises to the size
 of each mapped buffer freed (up to 32 MiB), so after the first large free a build's block-sized transients
 (MLP activations, eigenvectors, weight Grams) come from the heap and, once freed, stay resident among
-buffers that live longer (covariances, factors). On a hidden-2048 model the peak resident set ran 100 to
-170 MiB above the live tensors, and without trimming it grew with the number of blocks (48 blocks: 4.6x the
-12-block figure). :func:`large_buffers_unmapped` around the whole build brought the peak above the
-post-import RSS from 434.6-528.5 MiB (four runs) to 382.1-384.8 MiB (12 and 48 blocks, hidden 2048).
+buffers that live longer (covariances, factors), and the resident set grows with the number of blocks.
+:func:`large_buffers_unmapped` around the whole build keeps it to the live tensors (docs/build.md has the
+measurement).
 """
 from __future__ import annotations
 
@@ -48,7 +47,7 @@ def large_buffers_unmapped(threshold: int = LARGE_BUFFER) -> Iterator[None]:
     the resident set follows the live buffers. Enter it before the work that grows the heap: free heap space
     left from earlier still serves large buffers, and keeps them resident once freed.
 
-    Costs a page fault per fresh page (about 9% more CPU time for a CPU build). glibc cannot return to its
+    Costs a page fault per fresh page (docs/build.md: the CPU time it adds to a build). glibc cannot return to its
     dynamic threshold once one is set, so on exit the threshold is left at 32 MiB, the value that rule
     reaches after the first large buffer is freed.
     """

@@ -7,8 +7,8 @@ or autograd saved variable holds the storage). Tensors made before the
 tracker starts (parameters, inputs) are counted with :meth:`LiveBytesTracker.adopt`. It works the same on
 meta tensors (a full-size dry run that allocates nothing) and on real ones.
 
-Temporaries an op allocates and frees inside its own kernel are not seen (on a tiny CPU training step they
-are about 8% of the peak). Library workspace that never becomes a tensor (the eigensolver's and the SVD's
+Temporaries an op allocates and frees inside its own kernel are not seen (docs/memory.md compares the
+count with the allocator's own peak). Library workspace that never becomes a tensor (the eigensolver's and the SVD's
 scratch space) is added while its op runs, from :func:`linalg_workspace_bytes`, the one model of it the
 analytic plan uses too.
 """
