@@ -24,9 +24,11 @@ from torch import Tensor
 
 from .build import read_emloc_section
 from .errors import UserError
+from .files import read_json
 from .lora import LoraAdapter
 from .progress import track
 from .streaming import CheckpointIndex, key_mapping
+from .vision import CHECKPOINT_PREFIXES
 
 
 def orthonormalize_lora(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -144,7 +146,9 @@ def weight_keys(adapter: LoraAdapter, model: CheckpointIndex) -> dict[str, str]:
     Raises :class:`~emloc.errors.UserError` naming the first adapter module that has no weight in the model's
     checkpoint.
     """
-    key_of = key_mapping([f"{name}.weight" for name in adapter.weights], model)
+    config = model.directory / "config.json"
+    model_type = read_json(config).get("model_type") if config.is_file() else None
+    key_of = key_mapping([f"{name}.weight" for name in adapter.weights], model, CHECKPOINT_PREFIXES.get(model_type, ()))
     keys = {name: key_of(f"{name}.weight") for name in adapter.weights}
     for name, key in keys.items():
         if key not in model:

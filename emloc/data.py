@@ -14,13 +14,16 @@ from pathlib import Path
 
 import torch
 
-from .rows import DataError, Row, check_chat_template, read_rows
+from .multimodal import image_example, image_inputs, is_processor, text_tokenizer
+from .rows import IGNORE, DataError, Row, check_chat_template, read_rows
 
-IGNORE = -100
+__all__ = ["IGNORE", "collate", "load_examples", "pad_token_id", "split_examples", "target_tokens"]
 
 
 def _chat_example(messages: list[dict], tokenizer, max_length: int, where: str) -> dict:
     check_chat_template(tokenizer, where)
+    if any(not isinstance(m["content"], str) for m in messages):
+        raise DataError(f"{where}: content parts (images) need a vision-language model and its processor")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant message, so it has no answer tokens to train on")
     text = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -47,24 +50,28 @@ def _text_example(text: str, tokenizer, max_length: int) -> dict:
     return {"input_ids": ids, "labels": list(ids), "chat": False}
 
 
-def _example(row: Row, tokenizer, max_length: int) -> dict:
+def _example(row: Row, tokenizer, max_length: int, base: Path) -> dict:
     messages = row.messages()
+    if messages is not None and is_processor(tokenizer):
+        return image_example(messages, tokenizer, max_length, row.where, base)
     if messages is not None:
         return _chat_example(messages, tokenizer, max_length, row.where)
     text = row.text()
     if text is None:
         raise row.unrecognised()
-    return _text_example(text, tokenizer, max_length)
+    return _text_example(text, text_tokenizer(tokenizer), max_length)
 
 
 def load_examples(path: str | os.PathLike, tokenizer, max_length: int = 2048) -> list[dict]:
-    """Tokenize every row of ``path`` into ``{"input_ids", "labels", "chat"}`` examples (file order).
+    """Tokenize every row of ``path`` into ``{"input_ids", "labels", "chat"}`` examples (file order). With a
+    vision-language processor for ``tokenizer``, chat rows may carry images (:mod:`emloc.multimodal`) and their
+    examples hold the processor's image tensors under ``"images"``.
 
     Raises :class:`~emloc.rows.DataError` naming the file and line for unreadable rows, chat rows without an answer, and
     data in which no example keeps any answer token (e.g. all answers truncated away by ``max_length``).
     """
     path = Path(path)
-    examples = [_example(row, tokenizer, max_length) for row in read_rows(path, "training")]
+    examples = [_example(row, tokenizer, max_length, path.parent) for row in read_rows(path, "training")]
     examples = [e for e in examples if any(label != IGNORE for label in e["labels"][1:])]
     if not examples:
         raise DataError(f"{path}: no example has answer tokens to train on (empty file, or every answer "
@@ -85,14 +92,15 @@ def pad_token_id(tokenizer) -> int:
     """The id that pads batches: the tokenizer's pad token, else its end-of-sequence token, else 0 (padding
     positions carry no loss and are masked from attention, so any id in the vocabulary serves)."""
     for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
+        value = getattr(text_tokenizer(tokenizer), name, None)
         if value is not None:
             return int(value)
     return 0
 
 
 def collate(examples: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pad ``examples`` into ``input_ids``, ``attention_mask`` and ``labels`` tensors (also for HF Trainer)."""
+    """Right-pad ``examples`` into ``input_ids``, ``attention_mask`` and ``labels`` tensors (also for HF Trainer),
+    with the image tensors of examples that have images (:func:`emloc.multimodal.image_inputs`)."""
     length = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
@@ -102,7 +110,7 @@ def collate(examples: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
         ids[row, :n] = torch.tensor(example["input_ids"])
         labels[row, :n] = torch.tensor(example["labels"])
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, **image_inputs(examples)}
 
 
 def target_tokens(examples: list[dict]) -> int:

@@ -26,7 +26,9 @@ from torch import Tensor, nn
 from .errors import UserError
 from .files import atomic_directory, read_json
 from .layers import EmulatorLinear, LoraWeights, lora_scaling
+from .models import block_stack
 from .streaming import check_finite_weight, read_header, read_tensors
+from .vision import is_vision_language
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -112,8 +114,11 @@ def target_modules(model: nn.Module, target: str | list[str] | None) -> list[str
     """The names of the linears of ``model`` that ``target`` selects (see :func:`add_lora`). Module names are
     the same in the original model and its emulator, so a run checks its target on the original's meta
     skeleton before building anything. Raises :class:`~emloc.errors.UserError` for an invalid regular
-    expression or a target that matches no linear."""
+    expression or a target that matches no linear. With no target, a vision-language model gets LoRA on its
+    decoder blocks only (a target naming the vision tower's linears puts it there too)."""
     candidates = _candidate_linears(model)
+    if target is None and is_vision_language(getattr(model, "config", None)):
+        target = re.compile(re.escape(block_stack(model)[0]) + r"\..*")
     if isinstance(target, str):
         try:
             target = re.compile(target)

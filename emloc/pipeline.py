@@ -18,11 +18,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import transformers
 
 from . import models
 from .build import REPORT as BUILD_REPORT
 from .build import build_emulator, load_emulator, plan_compression
+from .build.plan import stack_compression
+from .build.settings import load_tokenizer
 from .correction import correct_lora
 from .data import load_examples, pad_token_id, split_examples
 from .errors import UserError, check_float, check_int, check_ratio
@@ -91,7 +92,7 @@ def _original_eval(model_path: Path, adapters: dict[str, LoraAdapter | None], ex
     """Eval metrics of the original model as is and with each adapter attached (one model load per adapter)."""
     results = {}
     for label, adapter in adapters.items():
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+        model = models.model_class(models.load_config(model_path)).from_pretrained(model_path, dtype=dtype).to(device)
         if adapter is not None:
             adapter.apply_to(model)
         results[label] = evaluate(model, examples, config.micro_batch_size, config.lm_head_chunk, pad_id)
@@ -100,7 +101,8 @@ def _original_eval(model_path: Path, adapters: dict[str, LoraAdapter | None], ex
 
 
 def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str | os.PathLike,
-        ratio: float | dict[str, float] | None = None, *, train_config: TrainConfig | None = None,
+        ratio: float | dict[str, float] | None = None, *, vision_ratio: float | None = None,
+        train_config: TrainConfig | None = None,
         heal: HealConfig | None = DEFAULT_HEAL, damping: float = 0.0, correction: str = "none",
         clamp: float | None = 3.0, merge: bool = False, device: str | None = None, dtype: torch.dtype | None = None,
         max_samples: int = 64, svd: str = "exact", evaluate_original: bool = True, budget: str | int | None = None,
@@ -112,7 +114,8 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
         data: training data (JSONL text/messages/conversations or .txt); calibration samples come from it too.
         output_dir: where every stage writes; rerunning with the same arguments resumes.
         ratio: compression ratio (or ``{regex: ratio}``) of the emulator; default 0.4, or with ``budget`` the
-            largest that fits.
+            largest that fits. For a vision-language model one ratio is its decoder's.
+        vision_ratio: a vision-language model's ratio for its vision tower (default: kept dense).
         train_config: training settings (``output_dir`` is set to ``output_dir/train``).
         heal: heal the emulator before training (docs/design.md §1.7); None (the default) builds it unhealed.
         damping: covariance damping of the factorisation (:func:`emloc.build_emulator`).
@@ -148,7 +151,9 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
         config = replace(config, **followed.train_kwargs())
         if progress:
             print(followed.table(), flush=True)
+    build_args["compression"] = stack_compression(skeleton, build_args["compression"], vision_ratio)
     plan_compression(skeleton, build_args["compression"], heal)
+    vision_language = len(models.block_stacks(skeleton)) > 1
     del skeleton
     settings = {"model": str(model_path.resolve()), "data": str(Path(data).resolve()),
                 "ratio": build_args["compression"] if budget is None else ratio, "budget": budget,
@@ -158,7 +163,8 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
         return _run_stages(model_path, data, output_dir, settings, {**build_args, "heal": heal, "damping": damping},
                            config, followed, overwrite, device=device, dtype=dtype,
                            clamp=clamp if correction == "paper" else None, correct=correction == "paper",
-                           merge=merge, progress=progress, evaluate_original=evaluate_original)
+                           merge=merge, progress=progress, evaluate_original=evaluate_original,
+                           vision_language=vision_language)
 
 
 def _check_options(ratio, max_samples: int, clamp: float | None, correction: str) -> None:
@@ -181,7 +187,7 @@ def _method_settings(heal: HealConfig | None, damping: float, correction: str) -
 
 def _run_stages(model_path: Path, data, output_dir: Path, settings: dict, build_args: dict, config: TrainConfig,
                 followed: Plan | None, overwrite: bool, *, device, dtype, clamp, correct, merge, progress,
-                evaluate_original) -> dict:
+                evaluate_original, vision_language) -> dict:
     """The stages of :func:`run`, under the lock of ``output_dir``, skipping those ``run_state.json`` records."""
     train_dir = Path(config.output_dir)
     state = _RunState.open(output_dir, settings, overwrite, train_dir)
@@ -190,7 +196,7 @@ def _run_stages(model_path: Path, data, output_dir: Path, settings: dict, build_
         build_emulator(model_path, data, emulator_dir, device=device, dtype=dtype, progress=progress,
                        overwrite=overwrite, **build_args)
         state.finish("build")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(emulator_dir)
+    tokenizer = load_tokenizer(emulator_dir, vision_language)
     examples, eval_examples = split_examples(load_examples(data, tokenizer, config.max_length),
                                              config.eval_fraction, config.seed)
     if "train" not in state.done:

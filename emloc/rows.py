@@ -13,7 +13,9 @@ from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["DataError", "Row", "check_chat_template", "data_lines", "parse_row", "read_rows"]
+__all__ = ["IGNORE", "DataError", "Row", "check_chat_template", "data_lines", "parse_row", "read_rows"]
+
+IGNORE = -100  # the label of a token without loss
 
 # ShareGPT speaker names -> chat roles.
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
@@ -52,9 +54,11 @@ class Row:
                 raise DataError(f"{self.where}: {key!r} must be a list of messages, got {type(messages).__name__}")
             out = []
             for i, m in enumerate(messages):
-                if not isinstance(m, dict) or not all(isinstance(m.get(k), str) for k in (role_key, content_key)):
-                    raise DataError(
-                        f"{self.where}: {key}[{i}] needs string {role_key!r} and {content_key!r}, got {m!r}"[:300])
+                # A content list holds parts (text, images) for a vision-language model (emloc.multimodal).
+                if not isinstance(m, dict) or not isinstance(m.get(role_key), str) \
+                        or not isinstance(m.get(content_key), (str, list)):
+                    raise DataError(f"{self.where}: {key}[{i}] needs string {role_key!r} and {content_key!r} (or a "
+                                    f"list of content parts), got {m!r}"[:300])
                 out.append({"role": _ROLES.get(m[role_key], m[role_key]) if key == "conversations" else m[role_key],
                             "content": m[content_key]})
             return out

@@ -178,11 +178,21 @@ def read_tensors(path: Path, keys):
             yield key, tensor
 
 
-def key_mapping(names, index: CheckpointIndex):
+def key_mapping(names, index: CheckpointIndex, prefixes: tuple[tuple[str, str], ...] = ()):
     """``key_of(name) -> checkpoint key`` for the model's tensor ``names``: the identity when the checkpoint
-    uses the model's own names, else the prefix rewrite that the first unknown name reveals (a checkpoint
-    saved from an outer model, ``language_model.model.layers...``, or from the bare decoder, ``layers...``).
-    Names the rewrite cannot place are returned unchanged, so :meth:`CheckpointIndex.load` names them."""
+    uses the model's own names; else the first of the family's ``prefixes`` renamings (``(module prefix,
+    checkpoint prefix)``, a vision-language checkpoint in transformers' earlier layout) that gives a key of the
+    checkpoint; else the prefix rewrite that the first unknown name reveals (a checkpoint saved from an outer
+    model, ``language_model.model.layers...``, or from the bare decoder, ``layers...``). Names none of these
+    place are returned unchanged, so :meth:`CheckpointIndex.load` names them."""
+    if prefixes:
+        def renamed(name: str) -> str:
+            if name in index:
+                return name
+            return next((key for ours, theirs in prefixes if name.startswith(ours)
+                         and (key := theirs + name[len(ours):]) in index), name)
+
+        return renamed
     missing = next((name for name in names if name not in index), None)
     if missing is None:
         return lambda name: name
@@ -210,12 +220,13 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def materialize(module: nn.Module, prefix: str, index: CheckpointIndex, device="cpu",
-                dtype: torch.dtype | None = None, key_of=None, skip: str | None = None) -> nn.Module:
+                dtype: torch.dtype | None = None, key_of=None, skip: str | tuple[str, ...] | None = None) -> nn.Module:
     """Load every parameter and persistent buffer of ``module`` (named ``prefix`` in the full model) from
     the checkpoint onto ``device``; tensors already off the meta device are left as they are.
 
     ``key_of(name) -> checkpoint key`` maps a full module name to its key (identity by default); tensors
-    whose local name starts with ``skip`` (e.g. ``"layers."``: the block stack) are left alone.
+    whose local name starts with ``skip`` (e.g. ``"layers."``: the block stack; a tuple for several) are
+    left alone.
     Parameters come back frozen (``requires_grad=False``).
     """
     key_of = key_of or (lambda name: name)
@@ -238,7 +249,7 @@ def materialize(module: nn.Module, prefix: str, index: CheckpointIndex, device="
     return module
 
 
-def _persistent_tensors(module: nn.Module, skip: str | None = None):
+def _persistent_tensors(module: nn.Module, skip: str | tuple[str, ...] | None = None):
     """(local name, tensor) of every parameter and persistent buffer, each shared tensor once, except
     names starting with ``skip``."""
     found = list(module.named_parameters())
@@ -249,7 +260,7 @@ def _persistent_tensors(module: nn.Module, skip: str | None = None):
     return [(name, t) for name, t in found if not (skip and name.startswith(skip))]
 
 
-def release(module: nn.Module, skip: str | None = None) -> nn.Module:
+def release(module: nn.Module, skip: str | tuple[str, ...] | None = None) -> nn.Module:
     """Return every parameter and persistent buffer of ``module`` (except names starting with ``skip``) to
     the meta device, freeing its memory; non-persistent buffers such as rotary frequencies stay, they are
     not in the checkpoint."""

@@ -12,10 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..calibration import CalibrationBatch
 from .block import BlockInput
 
-__all__ = ["ActivationStore", "FiniteSink", "block_inputs", "default_host_budget", "move_tensors"]
+__all__ = ["ActivationStore", "FiniteSink", "StackInputs", "block_inputs", "default_host_budget", "move_tensors"]
 
 
 class ActivationStore:
@@ -88,10 +87,30 @@ def move_tensors(tree, device, memo: dict | None = None):
     return tree
 
 
-def block_inputs(store: ActivationStore, kwargs_per_batch: list[list[dict]], batches: list[CalibrationBatch],
-                 block: int, device) -> Iterator[BlockInput]:
-    """The inputs of block ``block`` on ``device``, one per calibration batch: the stored hidden states, the
-    block's keyword arguments caught for that batch, and the batch's padding mask."""
-    for slot, batch in enumerate(batches):
-        yield BlockInput(store.get(slot, device), move_tensors(kwargs_per_batch[slot][block], device),
-                         batch.attention_mask.to(device))
+class StackInputs:
+    """What the blocks of one stack receive per calibration batch that reaches them (``slots``, the batches'
+    indices; the activation store holds the i-th such batch in its slot i): the block keyword arguments caught
+    for it, and which tokens count in a covariance."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.slots: list[int] = []
+        self.kwargs: list[list[dict]] = []
+        self.masks: list[Tensor] = []
+
+    def add(self, slot: int, kwargs: list[dict], mask: Tensor) -> None:
+        self.slots.append(slot)
+        self.kwargs.append(kwargs)
+        self.masks.append(mask)
+
+
+    def recorded(self, store: ActivationStore) -> dict[int, Tensor]:
+        """The stack's current outputs in ``store`` (on the host), by batch index."""
+        return {slot: store.get(position, "cpu") for position, slot in enumerate(self.slots)}
+
+
+def block_inputs(store: ActivationStore, inputs: StackInputs, block: int, device) -> Iterator[BlockInput]:
+    """The inputs of block ``block`` of a stack on ``device``, one per batch that reaches it: the stored hidden
+    states, the block's keyword arguments caught for that batch, and the mask of the tokens that count."""
+    for position, (kwargs, mask) in enumerate(zip(inputs.kwargs, inputs.masks, strict=True)):
+        yield BlockInput(store.get(position, device), move_tensors(kwargs[block], device), mask.to(device))

@@ -21,16 +21,18 @@ from emloc_kernels.lowrank import Method
 
 from .. import hostmem
 from ..calibration import CalibrationBatch
+from ..errors import BuildError
 from ..healing import HealConfig
 from ..locking import holds_output_lock
 from ..progress import progress as progress_bar
 from ..streaming import release
-from .activations import ActivationStore, FiniteSink, block_inputs, default_host_budget
+from ..vision import feature_blocks
+from .activations import ActivationStore, FiniteSink, StackInputs, block_inputs, default_host_budget
 from .block import BlockInput, calibrate_block, check_finite, compress_block, emulate_block, run_block
 from .directory import HEAL_UNIT, OUTER_UNIT, REPORT, Manifest, save_tensors, shard_name
 from .finish import finish_directory
 from .heal import heal_build
-from .plan import Compression, LinearPlan, plan_compression
+from .plan import Compression, LinearPlan, plan_compression, stack_compression
 from .settings import build_settings, calibration_batches, check_arguments, load_tokenizer, warn_few_tokens
 from .source import SourceCheckpoint, default_device
 
@@ -45,6 +47,7 @@ def build_emulator(
     output_dir,
     compression: Compression = 0.4,
     *,
+    vision_compression: float | None = None,
     device=None,
     dtype: torch.dtype | None = None,
     max_samples: int = 64,
@@ -69,6 +72,8 @@ def build_emulator(
         compression: one ratio in (0, 1] for every linear of the decoder blocks, or ``{regex: ratio}`` over
             full module names (first match wins). Rank ``floor(ratio m n / (m + n))``; layers where that
             saves no parameters stay dense.
+        vision_compression: a vision-language model's ratio for its vision tower's blocks (default: dense);
+            the projector stays dense.
         device: where each block runs (default CUDA when available); activations wait on the host.
         dtype: compute and storage dtype (default: the checkpoint's).
         max_samples, max_length, batch_size, seed: calibration samples drawn with ``seed``, truncated to
@@ -94,8 +99,11 @@ def build_emulator(
     check_arguments(model_path, output_dir, svd=svd, propagate=propagate, max_samples=max_samples,
                     max_length=max_length, batch_size=batch_size, host_budget=host_budget, damping=damping, heal=heal)
     source = SourceCheckpoint(model_path, device or default_device(), dtype)
+    if heal is not None and len(source.stacks) > 1:
+        raise BuildError("heal: healing is for text models; a vision-language model is built unhealed")
+    compression = stack_compression(source.model, compression, vision_compression)
     plan = plan_compression(source.model, compression, heal)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, vision_language=len(source.stacks) > 1)
     batches = calibration_batches(data, tokenizer, max_samples, max_length, batch_size, seed)
     warn_few_tokens(plan, sum(b.tokens for b in batches))
     settings = build_settings(source, batches, compression=compression, data=data, max_samples=max_samples,
@@ -104,25 +112,25 @@ def build_emulator(
     manifest = Manifest(output_dir, settings, resume, overwrite)
     if _complete(output_dir, manifest, source, heal):
         return output_dir  # already complete with these settings
-    blocks = len(source.stack)
-    with contextlib.closing(ActivationStore(output_dir / ".emloc-activations",
-                                            host_budget or default_host_budget())) as store:
-        kwargs = _outer_pass(source, batches, store, manifest, output_dir, shard_name(1, blocks + 1))
-        for index in range(blocks):
-            name, file = f"{source.prefix}.{index}", shard_name(index + 2, blocks + 1)
-            inputs = functools.partial(block_inputs, store, kwargs, batches, index, source.device)
-            bar = progress_bar(len(batches), f"block {index + 1}/{blocks}", "batch", enabled=progress)
-            sink = FiniteSink(store)
-            if manifest.finished(name) is not None:
-                block = _finished_block(source, index, plan[index], output_dir / file, propagate)
-                run_block(block, _counted(inputs(), bar), sink)
-            else:
-                block, reports = _build_block(source, index, plan[index], inputs, bar, sink, svd=svd,
-                                              seed=seed + index, damping=damping, propagate=propagate)
-                _save_block(output_dir, manifest, name, file, block, reports)
-            bar.close()
-            release(block)
-            hostmem.return_freed_memory()
+    units = source.units()
+    spill = output_dir / ".emloc-activations"
+    with contextlib.closing(ActivationStore(spill, host_budget or default_host_budget())) as store:
+        replay: dict[int, dict] = {}  # the vision blocks' outputs the model reads after its tower, by batch
+        position = 0
+        for prefix, stack in source.stacks:
+            inputs = _outer_pass(source, batches, store, manifest, output_dir, shard_name(1, len(units) + 1),
+                                 prefix, replay)
+            if prefix != source.prefix and not inputs.slots and any(plan[position:position + len(stack)]):
+                raise BuildError(f"{data}: no calibration sample has an image, so the vision tower "
+                                 f"({prefix}) cannot be calibrated; add images or keep it dense")
+            features = feature_blocks(source.config, len(stack)) if prefix != source.prefix else set()
+            for index in range(len(stack)):
+                name, file = f"{prefix}.{index}", shard_name(position + 2, len(units) + 1)
+                _stream_block(source, prefix, index, plan[position], inputs, store, manifest, output_dir / file,
+                              name, progress, svd=svd, seed=seed + position, damping=damping, propagate=propagate)
+                if index in features:
+                    replay[index] = inputs.recorded(store)
+                position += 1
         finish_directory(output_dir, source, manifest, tokenizer)
         if heal is not None and manifest.finished(HEAL_UNIT) is None:
             # The store now holds the original's last-block outputs: the teacher of the healing step.
@@ -131,35 +139,55 @@ def build_emulator(
     return output_dir
 
 
+def _stream_block(source: SourceCheckpoint, prefix: str, index: int, plan: list[list[LinearPlan]],
+                  inputs: StackInputs, store: ActivationStore, manifest: Manifest, path: Path, name: str,
+                  progress: bool, **settings) -> None:
+    """Build block ``index`` of stack ``prefix`` into ``path`` (only run it when the manifest records it as
+    finished), its outputs replacing its inputs in ``store``; then release it."""
+    block_input = functools.partial(block_inputs, store, inputs, index, source.device)
+    bar = progress_bar(len(inputs.slots), f"block {name}", "batch", enabled=progress)
+    sink = FiniteSink(store)
+    if manifest.finished(name) is not None:
+        block = _finished_block(source, prefix, index, plan, path, settings["propagate"])
+        run_block(block, _counted(block_input(), bar), sink)
+    else:
+        block, reports = _build_block(source, prefix, index, plan, block_input, bar, sink, **settings)
+        _save_block(path.parent, manifest, name, path.name, block, reports)
+    bar.close()
+    release(block)
+    hostmem.return_freed_memory()
+
+
 def _complete(output_dir: Path, manifest: Manifest, source: SourceCheckpoint, heal: HealConfig | None) -> bool:
     """Whether the directory already holds this build, every unit finished and the report written."""
-    units = [OUTER_UNIT, *(f"{source.prefix}.{i}" for i in range(len(source.stack)))]
+    units = [OUTER_UNIT, *(f"{prefix}.{i}" for prefix, i in source.units())]
     if heal is not None:
         units.append(HEAL_UNIT)
     return (output_dir / REPORT).is_file() and all(manifest.finished(unit) for unit in units)
 
 
 def _outer_pass(source: SourceCheckpoint, batches: list[CalibrationBatch], store: ActivationStore,
-                manifest: Manifest, output_dir: Path, file: str) -> list[list[dict]]:
-    """Load the outer weights, catch block 0's inputs (into ``store``) and every block's keyword arguments
-    (returned, per batch), save the outer shard unless it is finished, and release the outer weights."""
+                manifest: Manifest, output_dir: Path, file: str, prefix: str, replay: dict) -> StackInputs:
+    """Load the outer weights, catch the first block's inputs of stack ``prefix`` (into ``store``) and every
+    block's keyword arguments (returned), save the outer shard unless it is finished, and release the outer
+    weights. Before the decoder of a vision-language model, ``replay`` holds the vision blocks' outputs."""
     source.load_outer()
-    kwargs = source.capture(batches, store)
+    inputs = source.capture(batches, store, prefix, replay)
     if manifest.finished(OUTER_UNIT) is None:
         save_tensors(output_dir / file, {n: source.model.get_parameter(n) for n in source.outer_names()})
         manifest.record(OUTER_UNIT, file, {})
     source.release_outer()
-    return kwargs
+    return inputs
 
 
-def _build_block(source: SourceCheckpoint, index: int, plan: list[list[LinearPlan]],
+def _build_block(source: SourceCheckpoint, prefix: str, index: int, plan: list[list[LinearPlan]],
                  inputs: Callable[[], Iterable[BlockInput]], bar, sink: FiniteSink, *, svd: Method, seed: int,
                  damping: float, propagate: str) -> tuple[nn.Module, dict[str, dict]]:
     """Block ``index`` loaded, calibrated and compressed, with the reports of :func:`compress_block`; its
     outputs go to ``sink``: the original block's (each replacing its input as it comes) or, with
     ``propagate="emulator"``, the compressed block's."""
-    name = f"{source.prefix}.{index}"
-    block = source.load_block(index)
+    name = f"{prefix}.{index}"
+    block = source.load_block(index, prefix)
     covariances = calibrate_block(block, plan, _counted(inputs(), bar), sink=sink if propagate == "original" else None)
     check_finite(covariances, sink.all_finite(), name)
     hostmem.return_freed_memory()  # the pass's transients, before the factorisations allocate
@@ -179,15 +207,14 @@ def _save_block(output_dir: Path, manifest: Manifest, name: str, file: str, bloc
         for local, r in reports.items()}})
 
 
-def _finished_block(source: SourceCheckpoint, index: int, plan: list[list[LinearPlan]], path: Path,
+def _finished_block(source: SourceCheckpoint, prefix: str, index: int, plan: list[list[LinearPlan]], path: Path,
                     propagate: str) -> nn.Module:
     """Block ``index`` ready to propagate activations on resume: the original weights, or the saved
     emulator block when the build feeds compressed outputs forward."""
     if propagate == "original":
-        return source.load_block(index)
-    block = emulate_block(source.stack[index], plan)
-    prefix = f"{source.prefix}.{index}."
-    state = {k.removeprefix(prefix): t.to(source.device) for k, t in load_file(str(path)).items()}
+        return source.load_block(index, prefix)
+    block = emulate_block(source.block(prefix, index), plan)
+    state = {k.removeprefix(f"{prefix}.{index}."): t.to(source.device) for k, t in load_file(str(path)).items()}
     block.load_state_dict(state, assign=True)
     return block.requires_grad_(False)
 

@@ -16,7 +16,7 @@ from ..errors import BuildError, check_ratio
 from ..healing import HealConfig, heal_rank
 from ..ranks import compressed_rank
 
-__all__ = ["Compression", "LinearPlan", "covariance_keys", "plan_compression"]
+__all__ = ["Compression", "LinearPlan", "covariance_keys", "plan_compression", "stack_compression"]
 
 Compression = float | dict[str, float]
 
@@ -66,38 +66,57 @@ def _rules(compression: Compression) -> list[tuple[re.Pattern, float]]:
             for pattern, ratio in compression.items()]
 
 
+def stack_compression(model: nn.Module, compression: Compression, vision: float | None = None) -> Compression:
+    """``compression`` as the build applies it. A text model's is as given. For a vision-language model one
+    ratio is the decoder blocks', and ``vision`` the vision tower blocks' (None: the tower stays dense), both
+    as patterns over full names; a pattern dict covers every stack itself."""
+    tower = models.vision_stack(model)
+    if tower is None or isinstance(compression, dict):
+        if vision is not None:
+            raise BuildError("vision_compression: " + ("the model has no vision tower" if tower is None else
+                             "with a pattern dict, give the vision tower's ratio as a pattern in it"))
+        return compression
+    rules = {re.escape(models.block_stack(model)[0]) + r"\..*": _check_ratio(compression, "compression")}
+    if vision is not None:
+        rules[re.escape(tower[0]) + r"\..*"] = _check_ratio(vision, "vision_compression")
+    return rules
+
+
 def plan_compression(model: nn.Module, compression: Compression,
                      heal: HealConfig | None = None) -> list[list[list[LinearPlan]]]:
-    """Per block, the input groups of its compressed linears (names local to the block).
+    """Per block of every stack in build order (:func:`emloc.models.block_stacks`: a vision tower's, then
+    the decoder's), the input groups of its compressed linears (names local to the block).
 
-    ``compression`` is one ratio for every linear of the decoder blocks, or ``{regex: ratio}`` matched
+    ``compression`` is one ratio for every linear of the blocks, or ``{regex: ratio}`` matched
     (``re.fullmatch``) against full module names, first match wins. Linears whose rank would not save
     parameters stay dense. With ``heal``, each rank budget is split into factors and a heal adapter
     (:func:`emloc.healing.heal_rank`). Raises :class:`BuildError` for a ratio outside (0, 1] or a pattern
     that matches no linear of the blocks.
     """
     rules = _rules(compression)
-    prefix, stack = models.block_stack(model)
     used, plans = set(), []
-    for index, block in enumerate(stack):
-        groups = []
-        for group in models.input_groups(block):
-            members = []
-            for local in group:
-                full = f"{prefix}.{index}.{local}"
-                pattern, ratio = next(((p, r) for p, r in rules if p.fullmatch(full)), (None, None))
-                if pattern is not None:
-                    used.add(pattern.pattern)
-                linear = block.get_submodule(local)
-                rank = None if ratio is None else compressed_rank(ratio, linear.out_features, linear.in_features)
-                if rank is not None:
-                    members.append(LinearPlan(local, linear.out_features, linear.in_features, rank,
-                                              heal_rank(heal, rank)))
-            if members:
-                groups.append(members)
-        plans.append(groups)
+    stacks = models.block_stacks(model)
+    for prefix, stack in stacks:
+        for index, block in enumerate(stack):
+            groups = []
+            for group in models.input_groups(block):
+                members = []
+                for local in group:
+                    full = f"{prefix}.{index}.{local}"
+                    pattern, ratio = next(((p, r) for p, r in rules if p.fullmatch(full)), (None, None))
+                    if pattern is not None:
+                        used.add(pattern.pattern)
+                    linear = block.get_submodule(local)
+                    rank = None if ratio is None else compressed_rank(ratio, linear.out_features, linear.in_features)
+                    if rank is not None:
+                        members.append(LinearPlan(local, linear.out_features, linear.in_features, rank,
+                                                  heal_rank(heal, rank)))
+                if members:
+                    groups.append(members)
+            plans.append(groups)
     unused = [pattern for pattern, _ in rules if pattern.pattern not in used]
     if unused:
-        raise BuildError(f"compression: pattern {unused[0].pattern!r} matches no linear of the decoder blocks "
+        prefix, stack = stacks[-1]
+        raise BuildError(f"compression: pattern {unused[0].pattern!r} matches no linear of the blocks "
                          f"(names look like {prefix}.0.{models.input_groups(stack[0])[0][0]})")
     return plans

@@ -12,11 +12,12 @@ import transformers
 
 from emloc_kernels.lowrank import METHODS
 
-from ..calibration import CalibrationBatch, load_texts, make_batches, tokenize_samples
+from ..calibration import CalibrationBatch, load_image_samples, load_texts, make_batches, tokenize_samples
 from ..data import pad_token_id
 from ..errors import BuildError, EmlocWarning, check_int
 from ..files import file_sha256
 from ..healing import HealConfig
+from ..multimodal import is_processor
 from ..rows import DataError
 from .plan import Compression, LinearPlan, covariance_keys
 from .source import SourceCheckpoint
@@ -53,23 +54,30 @@ def check_arguments(model_path: Path, output_dir: Path, *, svd, propagate, max_s
         raise BuildError(f"{output_dir}: the output directory is the model directory; the source would be overwritten")
 
 
-def load_tokenizer(model_path: Path):
+def load_tokenizer(model_path: Path, vision_language: bool = False):
+    """The model's tokenizer, or for a vision-language model its processor (which holds the tokenizer)."""
     if not any((model_path / name).is_file() for name in _TOKENIZER_FILES):
         raise BuildError(f"{model_path}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
                          "the calibration data cannot be tokenized")
     try:
+        if vision_language:
+            return transformers.AutoProcessor.from_pretrained(model_path)
         return transformers.AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError, AttributeError, TypeError) as exc:  # a processor's missing backend too
         raise BuildError(f"{model_path}: cannot load its tokenizer ({exc})") from exc
 
 
 def calibration_batches(data, tokenizer, max_samples, max_length, batch_size, seed) -> list[CalibrationBatch]:
-    texts = load_texts(data, tokenizer, max_samples, seed)
-    samples = tokenize_samples(texts, tokenizer, max_length)
+    """The calibration batches; with a vision-language processor for ``tokenizer``, with their images."""
+    if is_processor(tokenizer):
+        examples = [e for e in load_image_samples(data, tokenizer, max_samples, max_length, seed) if e["input_ids"]]
+        samples = [e["input_ids"] for e in examples]
+    else:
+        texts = load_texts(data, tokenizer, max_samples, seed)
+        examples, samples = None, tokenize_samples(texts, tokenizer, max_length)
     if not samples:
         raise DataError(f"{data}: no calibration sample has any token")
-    pad = pad_token_id(tokenizer)
-    return make_batches(samples, batch_size, pad)
+    return make_batches(samples, batch_size, pad_token_id(tokenizer), examples)
 
 
 def warn_few_tokens(plan: list[list[list[LinearPlan]]], tokens: int) -> None:

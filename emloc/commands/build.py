@@ -16,6 +16,7 @@ from .options import (
     add_heal_arguments,
     add_samples_argument,
     add_svd_argument,
+    add_vision_ratio_argument,
     heal_config,
     positive_int,
 )
@@ -39,6 +40,7 @@ def add_parser(subparsers) -> None:
                             "largest that fits)")
     ratio.add_argument("--compress", type=Path, metavar="CONFIG.json",
                        help="JSON object {regex over module names: ratio}; first match wins")
+    add_vision_ratio_argument(parser)
     add_samples_argument(parser)
     parser.add_argument("--max-length", type=positive_int, default=2048, help="tokens per sample (default 2048)")
     batch = parser.add_mutually_exclusive_group()
@@ -96,7 +98,8 @@ def run(args) -> int:
         build_args = _planned(args)
     out = build_emulator(args.model_dir, args.data, args.out, device=args.device, dtype=args.dtype,
                          propagate=args.propagate, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
-                         heal=heal_config(args), damping=args.damping, **build_args)
+                         heal=heal_config(args), damping=args.damping, vision_compression=args.vision_ratio,
+                         **build_args)
     print(summary(json.loads((out / REPORT).read_text())))
     print(f"emulator written to {out} (report: {out / REPORT})")
     return 0

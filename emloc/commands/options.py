@@ -114,3 +114,9 @@ def heal_config(args: argparse.Namespace):
     from ..healing import HealConfig
 
     return HealConfig(rank=args.heal_rank, steps=args.heal_steps) if args.heal_steps else None
+
+
+def add_vision_ratio_argument(parser) -> None:
+    parser.add_argument("--vision-ratio", type=float, default=None, metavar="R",
+                        help="a vision-language model's ratio for its vision tower's blocks (default: kept dense; "
+                             "--ratio is its language model's)")

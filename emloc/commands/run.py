@@ -3,7 +3,15 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_clamp_argument, add_heal_arguments, add_samples_argument, add_svd_argument, clamp, heal_config
+from .options import (
+    add_clamp_argument,
+    add_heal_arguments,
+    add_samples_argument,
+    add_svd_argument,
+    add_vision_ratio_argument,
+    clamp,
+    heal_config,
+)
 from .train import add_training_arguments, train_config
 
 
@@ -17,6 +25,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--ratio", type=float, default=None,
                         help="compression ratio of the emulator (default 0.4; with --budget the largest that fits)")
+    add_vision_ratio_argument(parser)
     parser.add_argument("--budget", default=None, metavar="SIZE",
                         help="device memory to fit (24GiB, 20GB, ...): build and training follow the memory plan")
     add_samples_argument(parser)
@@ -38,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import format_summary
     from ..pipeline import run as run_pipeline
 
-    summary = run_pipeline(args.model, args.data, args.out, args.ratio, train_config=train_config(args, None),
+    summary = run_pipeline(args.model, args.data, args.out, args.ratio, vision_ratio=args.vision_ratio,
+                           train_config=train_config(args, None),
                            clamp=clamp(args), correction=args.correction, heal=heal_config(args),
                            damping=args.damping, merge=args.merge, device=args.device,
                            dtype=args.dtype, max_samples=args.samples, svd=args.svd,

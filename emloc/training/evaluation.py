@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..data import IGNORE, collate, target_tokens
-from .loss import CausalLMLoss
+from .loss import CausalLMLoss, image_inputs
 from .placement import compute_device
 
 
@@ -28,7 +28,8 @@ def evaluate(model: nn.Module, examples: list[dict], batch_size: int = 4, chunk:
     for start in range(0, len(examples), batch_size):
         part = examples[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
-        loss, correct = loss_module(batch["input_ids"], batch["attention_mask"], batch["labels"], normalizer)
+        loss, correct = loss_module(batch["input_ids"], batch["attention_mask"], batch["labels"], normalizer,
+                                    **image_inputs(batch))
         total_loss += float(loss)
         target = torch.cat([batch["labels"][:, 1:] != IGNORE, correct.new_zeros(len(part), 1)], dim=1)
         hit = (correct | ~target).all(1)

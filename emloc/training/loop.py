@@ -21,6 +21,7 @@ from ..files import atomic_write_text
 from ..locking import output_lock
 from ..lora import LoraAdapter, add_lora, lora_modules, lora_parameters
 from ..progress import progress
+from ..vision import is_vision_language
 from .checkpoints import ADAPTER_DIR, resume, save_checkpoint
 from .config import TrainConfig
 from .evaluation import evaluate
@@ -130,6 +131,8 @@ def _saved_tokenizer(model: nn.Module):
     if not (directory / "tokenizer_config.json").is_file():
         raise UserError(f"train: the data is a file and the model's directory ({directory}) holds no tokenizer; "
                          "pass tokenizer=")
+    if is_vision_language(model.config):  # its images are read by its processor
+        return transformers.AutoProcessor.from_pretrained(directory)
     return transformers.AutoTokenizer.from_pretrained(directory)
 
 

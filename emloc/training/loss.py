@@ -16,15 +16,24 @@ from emloc_kernels import lm_head_cross_entropy
 
 from ..data import IGNORE
 from ..errors import UserError
+from ..vision import is_vision_language
 from .placement import compute_device
+
+TEXT_INPUTS = ("input_ids", "attention_mask", "labels")
+
+
+def image_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The entries of a collated batch beyond its tokens: a vision-language model's image tensors."""
+    return {k: v for k, v in batch.items() if k not in TEXT_INPUTS}
 
 
 class CausalLMLoss(nn.Module):
     """A causal LM's training loss as a module: embedding lookup, decoder, then the chunked LM head and cross
     entropy.
 
-    ``forward(input_ids, attention_mask, labels, normalizer) -> (loss, correct)`` with ``correct (B, T)``
-    marking tokens whose next-token argmax is the label. The embedding is looked up where it lives (the host,
+    ``forward(input_ids, attention_mask, labels, normalizer, **images) -> (loss, correct)`` with ``correct
+    (B, T)`` marking tokens whose next-token argmax is the label; ``images`` are a vision-language model's
+    image tensors, passed to its forward. The embedding is looked up where it lives (the host,
     after :func:`emloc.training.place_input_embedding`) and its rows moved to the LM head's device, where
     everything else runs. Wrap this module (not the model) in DDP.
     """
@@ -35,15 +44,19 @@ class CausalLMLoss(nn.Module):
         head = model.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
             raise UserError("CausalLMLoss: an LM head with a bias is not supported")
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
-                normalizer: Tensor | float) -> tuple[Tensor, Tensor]:
-        embedding = self.model.get_input_embeddings()
-        device = compute_device(self.model)
-        embeds = embedding(input_ids.to(embedding.weight.device)).to(device)
-        hidden = self.model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
-                                          use_cache=False).last_hidden_state
+                normalizer: Tensor | float, **images: Tensor) -> tuple[Tensor, Tensor]:
+        if is_vision_language(self.model.config):
+            # The model's own forward below the LM head merges the image features into the embeddings.
+            hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                      **images).last_hidden_state
+        else:
+            embedding = self.model.get_input_embeddings()
+            embeds = embedding(input_ids.to(embedding.weight.device)).to(compute_device(self.model))
+            hidden = self.model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                              use_cache=False).last_hidden_state
         # Position t predicts token t + 1: shift the labels, not the (large) hidden states.
         shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1).reshape(-1)
         hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -73,7 +86,8 @@ def training_step(loss_module: nn.Module, micro_batches: list[dict[str, Tensor]]
         sync = loss_module.no_sync() if isinstance(loss_module, nn.parallel.DistributedDataParallel) and not last \
             else contextlib.nullcontext()
         with sync:
-            loss, _ = loss_module(batch["input_ids"], batch["attention_mask"], batch["labels"], normalizer)
+            loss, _ = loss_module(batch["input_ids"], batch["attention_mask"], batch["labels"], normalizer,
+                                  **image_inputs(batch))
             loss.backward()
         total = loss.detach() if total is None else total + loss.detach()
     if max_grad_norm is not None:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..vision import is_vision_language
 
 
 def compute_device(model: nn.Module) -> torch.device:
@@ -31,6 +32,9 @@ def place_input_embedding(model: nn.Module, on_device: bool) -> bool:
     :class:`emloc.training.CausalLMLoss` moves over. Returns whether the embedding is on the host afterwards.
     """
     host = host_embedding(model, on_device)
+    if host is not None and is_vision_language(model.config):
+        raise UserError("TrainConfig.embeddings_on_device: a vision-language model looks its embedding up inside "
+                        "its own forward, on the device; set embeddings_on_device=True")
     if host is not None:
         host.to("cpu")
     else:
