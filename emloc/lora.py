@@ -27,6 +27,7 @@ from .errors import UserError
 from .files import atomic_directory, read_json
 from .layers import EmulatorLinear, LoraWeights, lora_scaling
 from .models import block_stack
+from .ranks import LORA_RANK
 from .streaming import check_finite_weight, read_header, read_tensors
 from .vision import is_vision_language
 
@@ -80,7 +81,7 @@ def _candidate_linears(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(module, (EmulatorLinear, nn.Linear)) and module is not head}
 
 
-def add_lora(model: nn.Module, target: str | list[str] | None = None, r: int = 8, alpha: float | None = None,
+def add_lora(model: nn.Module, target: str | list[str] | None = None, r: int = LORA_RANK, alpha: float | None = None,
              dropout: float = 0.0, rslora: bool = False, dtype: torch.dtype = torch.float32) -> list[str]:
     """Attach LoRA to the linears of ``model`` named by ``target`` and freeze everything else.
 

@@ -203,7 +203,7 @@ def test_build_and_train_commands_follow_the_plan(budget_inputs, tmp_path, capsy
     model, data = budget_inputs
     emulator_dir, train_dir = tmp_path / "emulator", tmp_path / "train"
     assert cli.main(["build", str(model), "--data", str(data), "--out", str(emulator_dir), "--budget", BUDGET,
-                     "--samples", "4", "--max-length", "128", "--device", "cpu"]) == 0
+                     "--samples", "4", "--max-length", "128", "--lora-r", "8", "--device", "cpu"]) == 0
     built = json.loads((emulator_dir / "config.json").read_text())["emloc"]
     expected = plan(model, BUDGET, seq_len=128, batch=2, lora_r=8, samples=4)
     assert built["compression"] == {".*": expected.ratio}

@@ -41,8 +41,9 @@ from emloc.lora import LoraAdapter  # noqa: E402
 from emloc.training import TrainConfig, evaluate, train  # noqa: E402
 
 # Emulator variants at equal parameter count: the heal adapter's rank comes out of each linear's budget.
-# "paper" is the emulator as published (uniform ranks, no healing), which emloc's default build also is; the
-# others are the explorations docs/quality.md reports (run them with --variants).
+# "paper" is the emulator and LoRA recipe as published (uniform ranks, no healing, rank 8); "lora-r64" is the
+# same emulator with emloc's default LoRA rank (emloc.ranks.LORA_RANK); the others are the explorations
+# docs/quality.md reports (run them with --variants).
 VARIANTS = {
     "paper": {"heal": None},
     "healed": {"heal": HealConfig(gradient_checkpointing=False)},
@@ -57,7 +58,7 @@ VARIANTS = {
     "lora-r64": {"train": {"lora_r": 64, "lora_alpha": 128}},
     "lora-lr3e-3": {"train": {"learning_rate": 3e-3}},
 }
-DEFAULT_VARIANTS = ("paper",)
+DEFAULT_VARIANTS = ("paper", "lora-r64")
 # How the emulator's adapter goes onto the original: as trained, or through the paper's correction.
 CORRECTIONS = {"uncorrected": None, "corrected": 3.0}
 MAX_LENGTH = 64
@@ -208,7 +209,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 LABELS = {("paper", "corrected"): "paper: corrected (the paper's method)",
-          ("paper", "uncorrected"): "paper: uncorrected (emloc's default)"}
+          ("lora-r64", "uncorrected"): "lora-r64: uncorrected (emloc's default)"}
 
 
 def _row(task: str, ratio: float, method: str, values: list[float], zero: float, gain: float, peak=None,

@@ -14,6 +14,7 @@ from .options import (
     add_device_argument,
     add_dtype_argument,
     add_heal_arguments,
+    add_lora_rank_argument,
     add_samples_argument,
     add_svd_argument,
     add_vision_ratio_argument,
@@ -49,6 +50,7 @@ def add_parser(subparsers) -> None:
     batch.add_argument("--budget", default=None, metavar="SIZE",
                        help="device memory to fit (24GiB, 20GB, ...): the ratio (unless given) and the calibration "
                             "batch follow the memory plan, for training with the defaults of `emloc train` after")
+    add_lora_rank_argument(parser, "with --budget: the LoRA rank the plan leaves room for")
     add_device_argument(parser)
     add_dtype_argument(parser)
     add_svd_argument(parser)
@@ -85,8 +87,9 @@ def _planned(args) -> dict:
     """Arguments of the build from the memory plan within ``--budget`` (the ratio unless given)."""
     ratio = _compression(args) if args.ratio is not None or args.compress else None
     heal = heal_config(args)
-    followed = plan_for_budget(args.model_dir, args.budget, TrainConfig(max_length=args.max_length), ratio,
-                               args.samples, args.svd, args.dtype, heal.rank if heal is not None else 0)
+    training = TrainConfig(max_length=args.max_length, lora_r=args.lora_r)
+    followed = plan_for_budget(args.model_dir, args.budget, training, ratio, args.samples, args.svd, args.dtype,
+                               heal.rank if heal is not None else 0)
     print(followed.table())
     return followed.build_kwargs()
 

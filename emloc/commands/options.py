@@ -71,6 +71,13 @@ def add_batch_argument(parser, help: str, default: int | None = None) -> None:
     parser.add_argument("--batch", type=positive_int, default=default, help=help)
 
 
+def add_lora_rank_argument(parser, help: str = "LoRA rank on every linear but the LM head") -> None:
+    """``--lora-r``: the LoRA rank trained, or planned for (default :data:`emloc.ranks.LORA_RANK`)."""
+    from ..ranks import LORA_RANK
+
+    parser.add_argument("--lora-r", type=positive_int, default=LORA_RANK, help=f"{help} (default %(default)s)")
+
+
 def add_samples_argument(parser) -> None:
     """``--samples``: the calibration samples of the build."""
     parser.add_argument("--samples", type=positive_int, default=64, help="calibration samples (default 64)")

@@ -7,7 +7,14 @@ import json
 
 from ..memory import plan, reference_configs
 from ..memory.planner import DEFAULT_HEAL_RANK
-from .options import add_batch_argument, add_samples_argument, add_svd_argument, natural_int, positive_int
+from .options import (
+    add_batch_argument,
+    add_lora_rank_argument,
+    add_samples_argument,
+    add_svd_argument,
+    natural_int,
+    positive_int,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -20,7 +27,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--budget", default="24GiB", help="device memory per stage (24GiB, 20GB, ...; default 24GiB)")
     parser.add_argument("--seq-len", type=positive_int, default=2048, help="training sequence length (default 2048)")
     add_batch_argument(parser, "training micro-batch (default %(default)s)", default=1)
-    parser.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank on every decoder linear (default 8)")
+    add_lora_rank_argument(parser, "LoRA rank on every decoder linear")
     add_samples_argument(parser)
     parser.add_argument("--heal-rank", type=natural_int, default=DEFAULT_HEAL_RANK,
                         help="heal adapter rank when the build heals (`--heal-steps`; default 0: it does not)")

@@ -11,7 +11,14 @@ import torch
 
 from ..errors import UserError
 from ..training import TrainConfig
-from .options import add_batch_argument, add_device_argument, add_dtype_argument, natural_int, positive_int
+from .options import (
+    add_batch_argument,
+    add_device_argument,
+    add_dtype_argument,
+    add_lora_rank_argument,
+    natural_int,
+    positive_int,
+)
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +33,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--warmup", type=float, default=d.warmup_ratio, help="warm-up fraction (default %(default)s)")
     group.add_argument("--weight-decay", type=float, default=d.weight_decay)
     group.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clipping (0: off)")
-    group.add_argument("--lora-r", type=positive_int, default=d.lora_r, help="LoRA rank (default %(default)s)")
+    add_lora_rank_argument(group)
     group.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     group.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
     group.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r)")

@@ -30,6 +30,7 @@ from ..data import collate, load_examples, pad_token_id
 from ..lora import LoraAdapter
 from ..pipeline import run as emloc_run
 from ..progress import progress
+from ..ranks import LORA_RANK
 from ..training import ADAPTER_DIR, TrainConfig, train
 from .configs import BASELINES, DEFAULT, ModelSpec
 from .measure import training_peak_bytes
@@ -56,8 +57,8 @@ class Settings:
     steps: int = 300
     batch_size: int = 16
     learning_rate: float = 3e-3
-    lora_r: int = 8
-    lora_alpha: float = 16.0
+    lora_r: int = LORA_RANK
+    lora_alpha: float = 2.0 * LORA_RANK  # scaling alpha / r = 2, as in every recipe of the benchmarks
     calibration_samples: int = 64
 
     def train_config(self, seed: int) -> TrainConfig:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..ranks import compressed_rank
+from ..ranks import LORA_RANK, compressed_rank
 from .spec import BlockStack, Linear, ModelSpec
 from .tracker import eigh_workspace_bytes
 
@@ -27,7 +27,7 @@ class Settings:
     ratio: float
     seq_len: int = 2048
     batch: int = 1
-    lora_r: int = 8
+    lora_r: int = LORA_RANK
     samples: int = 64
     calibration_micro_batch: int = 1
     lm_head_chunk: int = 1024
@@ -226,8 +226,11 @@ def training(spec: ModelSpec, s: Settings) -> StageMemory:
         "logits_loss": logits,
     }
     host = {"weights": on_host * B}
-    # the LM-head chunks run before the blocks' backward recomputes any block
-    return StageMemory("training", device, host, _not_concurrent(block, logits))
+    # The LM-head chunks run before the blocks' backward recomputes any block, and the backward frees each
+    # block's checkpoint as it fills in that block's LoRA gradients: of each pair the smaller never coexists
+    # with the larger.
+    return StageMemory("training", device, host,
+                       _not_concurrent(block, logits) + min(_lora_gradients(spec, s.lora_r), checkpoints))
 
 
 def heal_params(spec: ModelSpec, s: Settings) -> int:
@@ -265,6 +268,11 @@ def healing(spec: ModelSpec, s: Settings) -> StageMemory:
     # large at rank 32): the smaller of the two never coexists with the larger.
     gradients = heal_params(spec, s) * FP32
     return StageMemory("healing", device, host, _not_concurrent(block, logits) + min(gradients, checkpoints))
+
+
+def _lora_gradients(spec: ModelSpec, r: int) -> int:
+    """Bytes of the fp32 gradients of a rank-``r`` LoRA (part of its ``lora_optimizer`` term)."""
+    return lora_params(spec, r) * FP32
 
 
 # --- correction and export --------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from emloc_kernels.lowrank import METHODS
 
 from ..errors import UserError
+from ..ranks import LORA_RANK
 from . import estimate
 from .estimate import TERMS, Settings, StageMemory
 from .spec import ModelSpec, load_model_config, model_spec
@@ -219,7 +220,7 @@ def _ratio_for_params(spec: ModelSpec, s: Settings, target: int) -> float:
     return hi * _RATIO_STEP
 
 
-def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch: int = 1, lora_r: int = 8,
+def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch: int = 1, lora_r: int = LORA_RANK,
          samples: int = 64, *, ratio: float | None = None, emulator_params: str | int | None = None,
          vision: str = "compress", svd: str = "exact", embeddings_on_device: bool = False,
          image_tiles: int | None = None, lm_head_chunk: int | None = None,

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import check_float, check_int
+from ..ranks import LORA_RANK
 
 
 @dataclass
@@ -27,7 +28,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
-    lora_r: int = 8
+    lora_r: int = LORA_RANK
     lora_alpha: float | None = None
     lora_dropout: float = 0.0
     rslora: bool = False
