@@ -51,10 +51,11 @@ def _recorded(config: TrainConfig) -> dict:
 
 def plan_for_budget(model_dir: str | os.PathLike, budget: str | int, config: TrainConfig,
                     ratio: float | dict | None = None, max_samples: int = 64, svd: str = "exact",
-                    dtype: torch.dtype | None = None, heal_rank: int = 0) -> Plan:
+                    dtype: torch.dtype | None = None, heal_rank: int = 0, vision_ratio: float | None = None) -> Plan:
     """The memory plan of building and training on the model in ``model_dir`` (its ``config.json``) within
     ``budget``: the training shape of ``config``, ``max_samples`` calibration samples, ``dtype`` weights,
-    healing at ``heal_rank`` (0: none).
+    healing at ``heal_rank`` (0: none), a vision-language model's tower compressed at ``vision_ratio`` (None:
+    dense, as the build keeps it by default); the build streams the tower block by block either way.
 
     ``ratio`` None takes the largest ratio that fits. Raises ValueError with the planner's reason when the
     given ratio, or any ratio, does not fit.
@@ -65,7 +66,8 @@ def plan_for_budget(model_dir: str | os.PathLike, budget: str | int, config: Tra
     if dtype is not None:
         model_config = {**model_config, "torch_dtype": str(dtype).removeprefix("torch.")}
     result = replace(plan(model_config, budget, seq_len=config.max_length, batch=config.micro_batch_size,
-                          lora_r=config.lora_r, samples=max_samples, ratio=ratio, svd=svd, heal_rank=heal_rank),
+                          lora_r=config.lora_r, samples=max_samples, ratio=ratio, svd=svd, heal_rank=heal_rank,
+                          vision="dense" if vision_ratio is None else "compress", vision_ratio=vision_ratio),
                      model=name)
     if not result.fits:
         given = "" if ratio is None else f"ratio {ratio} does not fit: "
@@ -77,6 +79,7 @@ def plan_record(result: Plan) -> dict:
     """What a run records of the plan it followed: budget, ratio, device peak per stage, chosen settings."""
     s = result.settings
     return {"budget_bytes": result.budget, "ratio": result.ratio,
+            "vision_ratio": result.build_kwargs()["vision_compression"],
             "device_peak_bytes": {stage.name: stage.device_peak for stage in result.stages},
             "settings": {"calibration_micro_batch": s.calibration_micro_batch, "lm_head_chunk": s.lm_head_chunk,
                          "embeddings_on_device": s.embeddings_on_device, "micro_batch": s.batch,
@@ -142,16 +145,18 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
     _check_options(ratio, max_samples, clamp, correction)
     skeleton = models.skeleton(models.load_config(model_path))
     target_modules(skeleton, config.lora_target)
-    build_args = {"compression": DEFAULT_RATIO if ratio is None else ratio, "max_samples": max_samples, "svd": svd}
+    build_args = {"compression": DEFAULT_RATIO if ratio is None else ratio, "vision_compression": vision_ratio,
+                  "max_samples": max_samples, "svd": svd}
     followed = None
     if budget is not None:
         followed = plan_for_budget(model_path, budget, config, ratio, max_samples, svd, dtype,
-                                   heal.rank if heal is not None else 0)
+                                   heal.rank if heal is not None else 0, vision_ratio)
         build_args = followed.build_kwargs()
         config = replace(config, **followed.train_kwargs())
         if progress:
             print(followed.table(), flush=True)
-    build_args["compression"] = stack_compression(skeleton, build_args["compression"], vision_ratio)
+    build_args["compression"] = stack_compression(skeleton, build_args["compression"],
+                                                  build_args.pop("vision_compression"))
     plan_compression(skeleton, build_args["compression"], heal)
     vision_language = len(models.block_stacks(skeleton)) > 1
     del skeleton

@@ -16,6 +16,7 @@ from emloc import build, lora, training
 from emloc.cli import main
 from emloc.layers import EmulatorLinear
 from emloc.memory import LiveBytesTracker, Settings, dry_run, estimate, parse_bytes, plan, reference_configs
+from emloc.memory.meta_models import language_config, meta_model
 from emloc.memory.spec import CONFIG_DIR, model_spec
 
 GiB = 1 << 30
@@ -38,7 +39,7 @@ def tiny_config(model_type: str, seed: int = 0) -> dict:
 def test_parameter_counts_match_transformers(model_type, seed):
     config = tiny_config(model_type, seed)
     spec = model_spec(config)
-    model = dry_run._meta_model(dry_run._language_config(config), torch.float32)
+    model = meta_model(language_config(config), torch.float32)
     assert spec.params == sum(p.numel() for p in model.parameters())
     ratio = 0.3
     dry_run._emulate(model, ratio)
@@ -54,7 +55,7 @@ def test_parameter_counts_match_transformers(model_type, seed):
 @pytest.mark.parametrize("name", ["Llama-3.1-8B", "Qwen3-32B", "Mistral-7B-v0.3"])
 def test_shipped_config_counts_match_transformers(name):
     config = json.loads((CONFIG_DIR / f"{name}.json").read_text())
-    model = dry_run._meta_model(dry_run._language_config(config), torch.bfloat16)
+    model = meta_model(language_config(config), torch.bfloat16)
     assert model_spec(config, name).params == sum(p.numel() for p in model.parameters())
 
 
@@ -102,7 +103,7 @@ def _allocator_peak(prof) -> int:
 
 def _tiny_emulator(config: dict, ratio: float, r: int):
     """A real (CPU) emulator of a tiny model: random factors of the planned ranks, LoRA, checkpointing."""
-    cfg = dry_run._language_config(config)
+    cfg = language_config(config)
     cfg._attn_implementation = "sdpa"
     model = transformers.AutoModelForCausalLM.from_config(cfg).requires_grad_(False)
     dry_run._emulate(model, ratio)
@@ -144,7 +145,7 @@ def test_tracker_matches_cpu_allocator_on_a_real_training_step(torch_backend, se
 @pytest.mark.parametrize("svd", ["exact", "randomized"])
 def test_tracker_matches_cpu_allocator_on_a_real_block_construction(torch_backend, seed, svd):
     config = {**tiny_config("qwen2", seed), "hidden_size": 96, "head_dim": 24, "intermediate_size": 263}
-    cfg = dry_run._language_config(config, layers=1)
+    cfg = language_config(config, layers=1)
     cfg._attn_implementation = "sdpa"
     model = transformers.AutoModelForCausalLM.from_config(cfg).requires_grad_(False)
     plan_ = build.plan_compression(model, 0.3)[0]
@@ -294,7 +295,7 @@ def test_cli_json_and_exit_status(capsys):
 
 
 def test_every_shipped_config_plans():
-    assert len(reference_configs()) == 8
+    assert len(reference_configs()) == 10
     for name in reference_configs():
         assert plan(name, "24GiB").fits, name
 
@@ -304,3 +305,73 @@ def test_internvl_38b_dry_run_at_full_size_confirms_the_plan():
     p = plan("InternVL2.5-38B", "20GiB", emulator_params="5B")
     for stage, (planned, measured) in dry_run.verify(p).items():
         assert measured <= 20 * GiB and abs(planned - measured) / measured < 0.10, stage
+
+
+# --- vision-language models: the tower in the plan and in the dry run ---------------------------------------
+
+
+def internvl_chat_config(vision_norm: str = "rms_norm") -> dict:
+    """A scaled-down InternVL in its original layout (``llm_config``, an ``intern_vit_6b`` tower)."""
+    return {"model_type": "internvl_chat", "downsample_ratio": 0.5, "select_layer": -1, "max_dynamic_patch": 6,
+            "use_thumbnail": True, "torch_dtype": "bfloat16",
+            "llm_config": {"model_type": "qwen2", "hidden_size": 256, "intermediate_size": 1376, "num_hidden_layers": 3,
+                           "num_attention_heads": 4, "num_key_value_heads": 1, "vocab_size": 3001,
+                           "tie_word_embeddings": False, "max_position_embeddings": 4096, "torch_dtype": "bfloat16"},
+            "vision_config": {"model_type": "intern_vit_6b", "hidden_size": 160, "intermediate_size": 640,
+                              "num_hidden_layers": 4, "num_attention_heads": 5, "image_size": 224, "patch_size": 14,
+                              "norm_type": vision_norm, "qk_normalization": vision_norm == "rms_norm",
+                              "qkv_bias": vision_norm != "rms_norm", "hidden_act": "gelu", "num_channels": 3}}
+
+
+def llava_config() -> dict:
+    """A scaled-down LLaVA in transformers' layout: a CLIP tower (quick_gelu) before a Llama decoder."""
+    return {"model_type": "llava", "torch_dtype": "bfloat16", "image_token_index": 2999, "vision_feature_layer": -2,
+            "text_config": {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1376,
+                            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 128,
+                            "vocab_size": 3000},
+            "vision_config": {"model_type": "clip_vision_model", "hidden_size": 96, "intermediate_size": 384,
+                              "num_hidden_layers": 3, "num_attention_heads": 4, "image_size": 112, "patch_size": 14}}
+
+
+VLM_CONFIGS = {"internvl-6b": internvl_chat_config, "internvl-300m": lambda: internvl_chat_config("layer_norm"),
+               "llava": llava_config}
+
+
+@pytest.mark.parametrize("name", list(VLM_CONFIGS))
+def test_vision_language_counts_match_transformers(name):
+    """Parameters of the model and of its emulator (decoder at 0.3, tower at 0.5), and the planned ranks, as
+    the build's own plan on transformers' model gives them."""
+    from emloc import models
+    from emloc.build.plan import stack_compression
+    from emloc.memory.meta_models import vision_language_config
+
+    config = VLM_CONFIGS[name]()
+    spec = model_spec(config)
+    model = meta_model(vision_language_config(config), torch.float32)
+    models.tie_embeddings(model)
+    assert spec.params == sum(p.numel() for p in model.parameters())
+    plans = iter(build.plan_compression(model, stack_compression(model, 0.3, 0.5)))
+    for _, stack in models.block_stacks(model):
+        for block in stack:
+            build.emulate_block(block, next(plans))
+    assert estimate.emulator_params(spec, Settings(ratio=0.3, vision_ratio=0.5)) == sum(
+        p.numel() for p in model.parameters())
+    tower = models.vision_stack(model)[1][0]
+    ranks = {name: m.rank for name, m in tower.named_modules() if isinstance(m, EmulatorLinear)}
+    assert ranks == plan(config, ratio=0.3, vision_ratio=0.5).ranks["vision_tower"]
+
+
+@pytest.mark.parametrize("name,vision", [("internvl-6b", "compress"), ("internvl-300m", "dense"),
+                                         ("llava", "compress")])
+def test_vision_tower_dry_run_agrees_with_the_plan_within_5_percent(name, vision):
+    """The tower's construction, run by the build's block functions on meta pixel values at full size, as
+    the plan has it; so is the decoder's, and the stage is the larger of the two."""
+    # LoRA r 8: the scaled-down layers are narrower than the default rank
+    p = plan(VLM_CONFIGS[name](), "1GiB", seq_len=1024, lora_r=8, samples=8, ratio=0.2, vision=vision)
+    checked = dry_run.verify(p)
+    assert {"construction: vision tower", "construction: language model"} <= set(checked)
+    for stage, (planned, measured) in checked.items():
+        tolerance = 0.05 if stage.startswith("construction") else 0.10  # as for text models at this scale
+        assert abs(planned - measured) / measured < tolerance, f"{stage}: planned {planned}, dry run {measured}"
+    assert checked["construction"][1] == max(checked["construction: vision tower"][1],
+                                             checked["construction: language model"][1])

@@ -165,7 +165,7 @@ def test_run_exports_adapter_and_merged(tmp_path, llava, seed):
 
     directory, data = llava
     config = TrainConfig(max_steps=2, micro_batch_size=2, grad_accum=1, learning_rate=5e-3, eval_fraction=0.2,
-                         seed=seed % 1000)
+                         lora_r=8, seed=seed % 1000)  # the tiny decoder is narrower than the default rank
     summary = run(directory, data, tmp_path / "run", 0.5, vision_ratio=0.5, train_config=config, device="cpu",
                   merge=True, progress=False, correction="paper", evaluate_original=False)
     adapter = tmp_path / "run" / "export" / "adapter"
@@ -183,3 +183,41 @@ def test_run_exports_adapter_and_merged(tmp_path, llava, seed):
         want = _logits(peft_model, batch)
         assert _relative(_logits(merged, batch), want, batch.attention_mask) < 1e-5
         assert _relative(base, want, batch.attention_mask) > 1e-6  # the adapter does change the model
+
+
+def test_budget_run_plans_and_builds_the_vision_tower(tmp_path, llava, monkeypatch):
+    """``run --budget`` on a VLM: the plan covers the tower (its own ratio, its construction), and the build
+    follows it: the tower's and the decoder's ranks and the calibration micro-batch are the plan's."""
+    from emloc.build import builder
+    from emloc.cli import main
+
+    directory, data = llava
+    passes = []
+    batches = builder.calibration_batches
+
+    def spy_batches(*args):
+        made = batches(*args)
+        passes.extend(len(b.input_ids) for b in made)
+        return made
+
+    monkeypatch.setattr(builder, "calibration_batches", spy_batches)
+    out = tmp_path / "run"
+    assert main(["run", str(directory), "--data", str(data), "--out", str(out), "--budget", "1000000",
+                 "--vision-ratio", "0.5", "--samples", "6", "--no-eval", "--steps", "1", "--batch", "2",
+                 "--accum", "1", "--max-length", "64", "--lora-r", "4", "--save-steps", "100",
+                 "--eval-fraction", "0.2", "--device", "cpu"]) == 0
+    planned = json.loads((out / "summary.json").read_text())["memory_plan"]
+    assert 0 < planned["ratio"] < 1 and planned["vision_ratio"] == 0.5
+    from emloc.memory import plan
+
+    expected = plan(directory, 1000000, seq_len=64, batch=2, lora_r=4, samples=6, ratio=planned["ratio"],
+                    vision_ratio=0.5)
+    report = json.loads((out / "emulator" / "emloc-report.json").read_text())["modules"]
+    tower, decoder = "model.vision_tower.encoder.layers.", "model.language_model.layers."
+    for prefix, stack in ((tower, "vision_tower"), (decoder, "language_model")):
+        ranks = {name.split(".", len(prefix.split(".")))[-1]: info["rank"] for name, info in report.items()
+                 if name.startswith(prefix)}
+        assert ranks == {k: r for k, r in expected.ranks[stack].items() if r is not None}, stack
+    assert set(passes) == {planned["settings"]["calibration_micro_batch"]}
+    assert planned["settings"]["embeddings_on_device"]  # a VLM's forward looks its embedding up itself
+    assert expected.stage("construction").device_peak == planned["device_peak_bytes"]["construction"]

@@ -89,20 +89,20 @@ def _planned(args) -> dict:
     heal = heal_config(args)
     training = TrainConfig(max_length=args.max_length, lora_r=args.lora_r)
     followed = plan_for_budget(args.model_dir, args.budget, training, ratio, args.samples, args.svd, args.dtype,
-                               heal.rank if heal is not None else 0)
+                               heal.rank if heal is not None else 0, args.vision_ratio)
     print(followed.table())
     return followed.build_kwargs()
 
 
 def run(args) -> int:
-    build_args = {"compression": _compression(args), "max_samples": args.samples, "max_length": args.max_length,
+    build_args = {"compression": _compression(args), "vision_compression": args.vision_ratio,
+                  "max_samples": args.samples, "max_length": args.max_length,
                   "batch_size": CALIBRATION_BATCH if args.batch is None else args.batch, "svd": args.svd}
     if args.budget is not None:
         build_args = _planned(args)
     out = build_emulator(args.model_dir, args.data, args.out, device=args.device, dtype=args.dtype,
                          propagate=args.propagate, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
-                         heal=heal_config(args), damping=args.damping, vision_compression=args.vision_ratio,
-                         **build_args)
+                         heal=heal_config(args), damping=args.damping, **build_args)
     print(summary(json.loads((out / REPORT).read_text())))
     print(f"emulator written to {out} (report: {out / REPORT})")
     return 0

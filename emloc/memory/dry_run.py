@@ -2,8 +2,10 @@
 :class:`~emloc.memory.tracker.LiveBytesTracker` counting the peak live bytes each stage would hold on the
 compute device. Nothing is allocated; a 38B model runs in seconds.
 
-* construction: one decoder block, :func:`emloc.build.calibrate_block` over one calibration micro-batch
-  and :func:`emloc.build.compress_block` with the planned ranks;
+* construction: one block of each stack, :func:`emloc.build.calibrate_block` over one calibration
+  micro-batch and :func:`emloc.build.compress_block` with the planned ranks: a decoder block, and a vision
+  tower's block on the micro-batch's image tiles as :func:`emloc.models.capture_block_inputs` catches them
+  from the model's own forward on meta pixel values;
 * training: the whole emulator (planned ranks, LoRA from :func:`emloc.lora.add_lora`, gradient
   checkpointing), one step of :class:`emloc.training.CausalLMLoss` (chunked LM head) with AdamW;
 * healing: the whole emulator with the heal adapter of :func:`emloc.healing.add_heal_adapter`, one step of
@@ -11,54 +13,26 @@ compute device. Nothing is allocated; a 38B model runs in seconds.
 * correction: :func:`emloc.correction.correct_layer` on the largest linear;
 * export: merging the corrected LoRA into the largest linear, as a merged-weights export does shard by shard.
 
-Attention runs through the flash-attention op (its meta kernel), which is what a GPU run uses: it keeps
-``q, k, v``, the output and the log-sum-exp, never a ``seq x seq`` score matrix. A vision tower is frozen and
-outside the gradient: its weights are counted, its transient forward is planned analytically.
+Attention runs through the flash-attention op (its meta kernel, :mod:`emloc.memory.meta_models`), which is
+what a GPU run uses. In training a vision tower is frozen and outside the gradient: its weights are counted,
+its transient forward is planned analytically.
 """
 from __future__ import annotations
 
 import torch
-import transformers
 from torch import nn
 
 from .. import healing, lora, models, training
 from ..build import BlockInput, calibrate_block, compress_block, emulate_block, plan_compression
+from ..build.plan import stack_compression
 from ..correction import correct_layer
 from ..export import merge_lora
 from ..layers import EmulatorLinear
 from ..ranks import compressed_rank
 from . import estimate
+from .meta_models import language_config, meta_model, vision_language_config
 from .spec import model_spec
 from .tracker import LiveBytesTracker
-
-ATTENTION = "emloc_meta_fused_attention"
-
-
-def _flash_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                     **kwargs):
-    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout, causal, scale=scaling)[0]
-    return out.transpose(1, 2), None
-
-
-transformers.AttentionInterface.register(ATTENTION, _flash_attention)
-
-
-def _language_config(config: dict, layers: int | None = None) -> transformers.PretrainedConfig:
-    llm = dict(config.get("llm_config") or config)
-    if layers is not None:
-        llm["num_hidden_layers"] = layers
-    llm.pop("architectures", None)
-    cfg = transformers.AutoConfig.for_model(llm.pop("model_type"), **llm)
-    cfg._attn_implementation = ATTENTION
-    cfg.use_cache = False
-    return cfg
-
-
-def _meta_model(cfg: transformers.PretrainedConfig, dtype: torch.dtype) -> nn.Module:
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    return model.requires_grad_(False)
 
 
 def _emulate(model: nn.Module, ratio: float) -> None:
@@ -75,26 +49,47 @@ def _tokens(batch: int, seq_len: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.empty_like(ids), "labels": torch.empty_like(ids)}
 
 
+def _construct(block: nn.Module, plan, item: BlockInput, svd: str) -> int:
+    """Peak device bytes of the build's steps on one block: calibrate on ``item``, then compress."""
+    with LiveBytesTracker("meta") as tracker:
+        tracker.adopt([*block.parameters(), item.hidden, item.mask])
+        # the sink is where a build sends each output to the host; here it is simply dropped
+        covariances = calibrate_block(block, plan, [item], sink=lambda index, output: None)
+        del item
+        compress_block(block, plan, covariances, svd=svd)
+    return tracker.peak
+
+
 def measure_construction(config: dict, ratio: float, seq_len: int, micro_batch: int, svd: str,
                          dtype: torch.dtype = torch.bfloat16) -> int:
     """Peak device bytes to calibrate and compress one decoder block on one micro-batch."""
-    model = _meta_model(_language_config(config, layers=1), dtype)
+    model = meta_model(language_config(config, layers=1), dtype)
     plan = plan_compression(model, ratio)[0]
     _, stack = models.block_stack(model)
-    block = stack[0]
-    rotary = model.model.rotary_emb
-    hidden_size = model.config.hidden_size
-    with LiveBytesTracker("meta") as tracker:
-        tracker.adopt(block.parameters())
-        hidden = torch.empty(micro_batch, seq_len, hidden_size, dtype=dtype, device="meta")
-        positions = torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta")
-        item = BlockInput(hidden, {"position_embeddings": rotary(hidden, positions)},
-                          torch.empty(micro_batch, seq_len, dtype=torch.bool, device="meta"))
-        # the sink is where a build sends each output to the host; here it is simply dropped
-        covariances = calibrate_block(block, plan, [item], sink=lambda index, output: None)
-        del item, hidden
-        compress_block(block, plan, covariances, svd=svd)
-    return tracker.peak
+    hidden = torch.empty(micro_batch, seq_len, model.config.hidden_size, dtype=dtype, device="meta")
+    positions = torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta")
+    item = BlockInput(hidden, {"position_embeddings": model.model.rotary_emb(hidden, positions)},
+                      torch.empty(micro_batch, seq_len, dtype=torch.bool, device="meta"))
+    del hidden
+    return _construct(stack[0], plan, item, svd)
+
+
+def measure_vision_construction(config: dict, ratio: float | None, images: int, svd: str,
+                                dtype: torch.dtype = torch.bfloat16) -> int:
+    """Peak device bytes to calibrate and compress (``ratio`` None: only run) one vision-tower block on
+    ``images`` image tiles, the tower's inputs caught from the model's own forward as the build catches them."""
+    model = meta_model(vision_language_config(config, text_layers=1, vision_layers=1), dtype)
+    plan = plan_compression(model, stack_compression(model, 1.0, ratio))[0] if ratio is not None else []
+    _, stack = models.vision_stack(model)
+    vision = model.config.vision_config
+    side = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
+    pixels = torch.empty(images, vision.num_channels, side, side, dtype=dtype, device="meta")
+    ids = torch.empty(1, 1, dtype=torch.long, device="meta")
+    hidden, kwargs = models.capture_block_inputs(model, ids, torch.empty_like(ids), stack=stack, pixel_values=pixels)
+    # every image token counts (emloc.build.SourceCheckpoint.capture)
+    item = BlockInput(hidden, kwargs[0], torch.empty(hidden.shape[:-1], dtype=torch.bool, device="meta"))
+    del hidden
+    return _construct(stack[0], plan, item, svd)
 
 
 def _optimizer_after_one_step(parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -138,7 +133,7 @@ def measure_training(config: dict, ratio: float, seq_len: int, batch: int, lora_
 
     ``extra_weight_bytes`` adds frozen weights outside the language model (a vision tower, its projector).
     """
-    model = _meta_model(_language_config(config), dtype)
+    model = meta_model(language_config(config), dtype)
     _emulate(model, ratio)
     lora.add_lora(model, r=lora_r)
     loss_module = training.CausalLMLoss(model, lm_head_chunk)
@@ -155,7 +150,7 @@ def measure_healing(config: dict, ratio: float, seq_len: int, heal_rank: int, lm
     """Peak device bytes of one healing step (second step: optimizer state exists) on one sample, through
     :func:`emloc.healing.heal_loss` with the heal adapter of :func:`emloc.healing.add_heal_adapter`;
     ``extra_weight_bytes`` as in :func:`measure_training`."""
-    model = _meta_model(_language_config(config), dtype)
+    model = meta_model(language_config(config), dtype)
     _emulate(model, ratio)
     ranks = {name: healing.heal_rank(healing.HealConfig(rank=heal_rank), module.rank)
              for name, module in model.named_modules() if isinstance(module, EmulatorLinear)}
@@ -172,7 +167,7 @@ def measure_healing(config: dict, ratio: float, seq_len: int, heal_rank: int, lm
 
 
 def _largest_linear(config: dict) -> tuple[int, int]:
-    model = _meta_model(_language_config(config, layers=1), torch.bfloat16)
+    model = meta_model(language_config(config, layers=1), torch.bfloat16)
     _, stack = models.block_stack(model)
     linears = [m for m in stack[0].modules() if isinstance(m, nn.Linear)]
     big = max(linears, key=lambda m: m.weight.numel())
@@ -205,15 +200,24 @@ def measure_export(config: dict, lora_r: int, dtype: torch.dtype = torch.bfloat1
 def verify(plan) -> dict[str, tuple[int, int]]:
     """Dry-run every stage of ``plan`` (an :class:`emloc.memory.Plan`) at full size on the meta device.
 
-    Returns ``{stage: (planned device bytes, measured device bytes)}``; construction compares the language
-    model's blocks (a vision tower's construction is planned analytically only).
+    Returns ``{stage: (planned device bytes, measured device bytes)}``; for a vision-language model also the
+    construction of each stack, ``"construction: language model"`` and ``"construction: vision tower"``
+    (the stage's peak is the larger of the two).
     """
     s, config = plan.settings, plan.config
     spec = model_spec(config, plan.model)
     dtype = {2: torch.bfloat16, 4: torch.float32}[spec.dtype_bytes]
     vision_bytes = estimate.vision_params(spec, s) * spec.dtype_bytes
+    construction = {"language model": (
+        estimate.stack_construction(spec, s, spec.language).device_peak,
+        measure_construction(config, s.ratio, s.seq_len, s.calibration_micro_batch, s.method, dtype))}
+    if spec.vision is not None:
+        images = s.calibration_micro_batch * estimate.image_tiles(spec, s)
+        construction["vision tower"] = (
+            estimate.stack_construction(spec, s, spec.vision.stack).device_peak,
+            measure_vision_construction(config, estimate.tower_ratio(s), images, s.method, dtype))
     measured = {
-        "construction": measure_construction(config, s.ratio, s.seq_len, s.calibration_micro_batch, s.method, dtype),
+        "construction": max(m for _, m in construction.values()),
         "training": measure_training(config, s.ratio, s.seq_len, s.batch, s.lora_r, s.lm_head_chunk,
                                      s.embeddings_on_device, vision_bytes, dtype),
         **({"healing": measure_healing(config, s.ratio, s.seq_len, s.heal_rank, s.lm_head_chunk, vision_bytes, dtype)}
@@ -222,5 +226,7 @@ def verify(plan) -> dict[str, tuple[int, int]]:
         "export": measure_export(config, s.lora_r, dtype),
     }
     planned = {stage.name: stage.device_peak for stage in plan.stages}
-    planned["construction"] = estimate.construction(spec, s, language_only=True).device_peak
-    return {name: (planned[name], measured[name]) for name in measured}
+    checked = {name: (planned[name], measured[name]) for name in measured}
+    if spec.vision is not None:
+        checked.update({f"construction: {name}": pair for name, pair in construction.items()})
+    return checked

@@ -33,6 +33,7 @@ class Settings:
     lm_head_chunk: int = 1024
     method: str = "exact"
     compress_vision: bool = True
+    vision_ratio: float | None = None  # the compressed tower's own ratio (None: ``ratio``)
     embeddings_on_device: bool = False
     image_tiles: int | None = None
     shard_bytes: int = 2 << 30
@@ -89,13 +90,20 @@ def emulator_params(spec: ModelSpec, s: Settings) -> int:
     return total + vision_params(spec, s)
 
 
+def tower_ratio(s: Settings) -> float | None:
+    """The vision tower's compression ratio, None when it stays dense."""
+    if not s.compress_vision:
+        return None
+    return s.ratio if s.vision_ratio is None else s.vision_ratio
+
+
 def vision_params(spec: ModelSpec, s: Settings) -> int:
     """Parameters of the vision tower (compressed or dense), its embeddings and projector; 0 without one."""
     v = spec.vision
     if v is None:
         return 0
     projector = sum(linear.params for linear in v.projector) + v.projector_other_params
-    return stack_params(v.stack, s.ratio if s.compress_vision else None) + v.embedding_params + projector
+    return stack_params(v.stack, tower_ratio(s)) + v.embedding_params + projector
 
 
 def lora_params(spec: ModelSpec, r: int) -> int:
@@ -152,44 +160,45 @@ def decomposition_bytes(linear: Linear, r: int, method: str) -> int:
 
 
 def _calibration_activation_bytes(stack: BlockStack, tokens: int, B: int) -> int:
-    # no-grad block forward: the micro-batch in and out, the residual, and three (T, I) MLP tensors
-    return tokens * B * (3 * stack.hidden + 3 * stack.intermediate)
+    # no-grad block forward: the micro-batch in and out, the residual, and the MLP's (T, I) tensors
+    return tokens * B * (stack.hidden_tensors * stack.hidden + stack.mlp_tensors * stack.intermediate)
 
 
-def _stack_tokens(spec: ModelSpec, stack: BlockStack, s: Settings) -> int:
+def stack_tokens(spec: ModelSpec, stack: BlockStack, s: Settings) -> int:
+    """Tokens one calibration sample puts through a block of ``stack``: its sequence, or its image tiles'."""
     if stack is spec.language:
         return s.seq_len
     return image_tiles(spec, s) * spec.vision.tokens_per_tile
 
 
-def construction(spec: ModelSpec, s: Settings, language_only: bool = False) -> StageMemory:
-    """One block at a time: its weights, the calibration micro-batch through it, the covariances of its
-    input groups, then the factorisation of its largest linear. The worst block stack sets the peak (or the
-    language model's alone with ``language_only``); on the host, every sample's block input and output."""
-    stacks = [spec.language]
-    if spec.vision is not None and s.compress_vision and not language_only:
-        stacks.append(spec.vision.stack)
+def stack_construction(spec: ModelSpec, s: Settings, stack: BlockStack) -> StageMemory:
+    """Building one block of ``stack``: its weights, the calibration micro-batch through it, the covariances
+    of its input groups, then the factorisation of its largest linear; on the host every sample's block
+    input and output."""
+    ratio = s.ratio if stack is spec.language else tower_ratio(s)
     B = spec.dtype_bytes
-    best = StageMemory("construction")
-    for stack in stacks:
-        ranked = [(linear, rank(s.ratio, linear)) for linear in stack.linears]
-        ranked = [(linear, r) for linear, r in ranked if r is not None]
-        tokens = _stack_tokens(spec, stack, s)
-        device = {
-            "weights": stack.block_params * B,
-            "covariances": sum(FP32 * n * n for n in _covariance_sizes(stack, s.ratio)),
-            "activations": _calibration_activation_bytes(stack, s.calibration_micro_batch * tokens, B),
-            "decomposition": max((decomposition_bytes(linear, r, s.method) for linear, r in ranked), default=0),
-        }
-        host = {"activations": 2 * s.samples * tokens * stack.hidden * B, "weights": stack.block_params * B}
-        # calibration, then factorisation: never at the same time
-        stage = StageMemory("construction", device, host, _not_concurrent(device["activations"],
-                                                                           device["decomposition"]))
-        if stage.device_peak > best.device_peak:
-            best.device, best.not_concurrent = device, stage.not_concurrent
-        if stage.host_peak > best.host_peak:
-            best.host = host
-    return best
+    ranked = [] if ratio is None else [(linear, rank(ratio, linear)) for linear in stack.linears]
+    ranked = [(linear, r) for linear, r in ranked if r is not None]
+    tokens = stack_tokens(spec, stack, s)
+    device = {
+        "weights": stack.block_params * B,
+        "covariances": 0 if ratio is None else sum(FP32 * n * n for n in _covariance_sizes(stack, ratio)),
+        "activations": _calibration_activation_bytes(stack, s.calibration_micro_batch * tokens, B),
+        "decomposition": max((decomposition_bytes(linear, r, s.method) for linear, r in ranked), default=0),
+    }
+    host = {"activations": 2 * s.samples * tokens * stack.hidden * B, "weights": stack.block_params * B}
+    # calibration, then factorisation: never at the same time
+    return StageMemory("construction", device, host, _not_concurrent(device["activations"], device["decomposition"]))
+
+
+def construction(spec: ModelSpec, s: Settings) -> StageMemory:
+    """One block at a time, every stack streamed (a vision tower's, dense or compressed, then the decoder's):
+    the worst stack's block sets the device peak, and the worst stack's samples the host peak."""
+    stacks = [spec.language] + ([spec.vision.stack] if spec.vision is not None else [])
+    built = [stack_construction(spec, s, stack) for stack in stacks]
+    worst = max(built, key=lambda stage: stage.device_peak)
+    host = max(built, key=lambda stage: stage.host_peak).host
+    return StageMemory("construction", worst.device, host, worst.not_concurrent)
 
 
 # --- training ---------------------------------------------------------------------------------------------

@@ -96,8 +96,9 @@ class Plan:
     def build_kwargs(self) -> dict:
         """Keyword arguments of :func:`emloc.build_emulator` that make a build follow this plan."""
         s = self.settings
-        return {"compression": s.ratio, "max_samples": s.samples, "max_length": s.seq_len,
-                "batch_size": s.calibration_micro_batch, "svd": s.method}
+        return {"compression": s.ratio, "vision_compression": estimate.tower_ratio(s) if self.vision_note else None,
+                "max_samples": s.samples, "max_length": s.seq_len, "batch_size": s.calibration_micro_batch,
+                "svd": s.method}
 
     def train_kwargs(self) -> dict:
         """Fields of :class:`emloc.training.TrainConfig` that make training follow this plan."""
@@ -147,15 +148,16 @@ class Plan:
     def vision_note(self) -> str | None:
         if "vision_tower" not in self.ranks:
             return None
-        return "compressed" if self.settings.compress_vision else "dense, frozen"
+        ratio = estimate.tower_ratio(self.settings)
+        return "dense, frozen" if ratio is None else f"compressed at {ratio:.3f}, frozen"
 
 
 def _ranks(spec: ModelSpec, s: Settings) -> dict[str, dict[str, int | None]]:
     stacks = [spec.language] + ([spec.vision.stack] if spec.vision is not None else [])
     out = {}
     for stack in stacks:
-        compress = stack is spec.language or s.compress_vision
-        out[stack.name] = {linear.name: (estimate.rank(s.ratio, linear) if compress else None)
+        ratio = s.ratio if stack is spec.language else estimate.tower_ratio(s)
+        out[stack.name] = {linear.name: (None if ratio is None else estimate.rank(ratio, linear))
                            for linear in stack.linears}
     return out
 
@@ -222,7 +224,8 @@ def _ratio_for_params(spec: ModelSpec, s: Settings, target: int) -> float:
 
 def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch: int = 1, lora_r: int = LORA_RANK,
          samples: int = 64, *, ratio: float | None = None, emulator_params: str | int | None = None,
-         vision: str = "compress", svd: str = "exact", embeddings_on_device: bool = False,
+         vision: str = "compress", vision_ratio: float | None = None, svd: str = "exact",
+         embeddings_on_device: bool = False,
          image_tiles: int | None = None, lm_head_chunk: int | None = None,
          calibration_micro_batch: int | None = None, heal_rank: int = DEFAULT_HEAL_RANK) -> Plan:
     """Plan the memory of building an emulator, training LoRA on it, correcting and exporting it.
@@ -236,9 +239,12 @@ def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch:
         ratio: compression ratio to plan for; by default the largest that fits ``budget``.
         emulator_params: instead of ``ratio``, the emulator size to plan for (``"5B"`` or a count): the
             smallest ratio giving at least that many parameters.
-        vision: ``"compress"`` the vision tower with the same ratio or keep it ``"dense"`` (frozen either way).
+        vision: ``"compress"`` the vision tower or keep it ``"dense"`` (frozen either way); the build streams
+            it block by block either way.
+        vision_ratio: the compressed tower's own ratio (default: the language model's).
         svd: the factorisation, one of ``emloc_kernels.lowrank.METHODS`` (``"exact"``, ``"randomized"``).
-        embeddings_on_device: keep the input embedding on the device in training (default: on the host).
+        embeddings_on_device: keep the input embedding on the device in training (default: on the host; a
+            vision-language model's always is).
         image_tiles: image tiles per sample for a vision model (default: as many as ``seq_len`` holds).
         lm_head_chunk, calibration_micro_batch: override the planned values.
         heal_rank: rank of the build's heal adapter when it heals (docs/design.md §1.7, ``--heal-steps``);
@@ -256,8 +262,11 @@ def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch:
         raise UserError(f"plan: vision must be 'compress' or 'dense', got {vision!r}")
     if svd not in METHODS:
         raise UserError(f"plan: svd must be one of {', '.join(METHODS)}, got {svd!r}")
-    if ratio is not None and not 0 < ratio <= 1:
-        raise UserError(f"plan: ratio must be in (0, 1], got {ratio!r}")
+    for what, value in (("ratio", ratio), ("vision_ratio", vision_ratio)):
+        if value is not None and not 0 < value <= 1:
+            raise UserError(f"plan: {what} must be in (0, 1], got {value!r}")
+    if vision_ratio is not None and vision == "dense":
+        raise UserError("plan: vision_ratio is the ratio of a compressed tower; not with vision='dense'")
     if ratio is not None and emulator_params is not None:
         raise UserError("plan: give ratio or emulator_params, not both")
     config, name = load_model_config(config_or_dir)
@@ -265,8 +274,10 @@ def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch:
     budget_bytes = parse_bytes(budget)
     chunk = lm_head_chunk or _lm_head_chunk(spec, batch * seq_len, budget_bytes)
     s = Settings(ratio=ratio or 1.0, seq_len=seq_len, batch=batch, lora_r=lora_r, samples=samples,
-                 lm_head_chunk=chunk, method=svd, compress_vision=vision == "compress",
-                 embeddings_on_device=embeddings_on_device, image_tiles=image_tiles, heal_rank=heal_rank)
+                 lm_head_chunk=chunk, method=svd, compress_vision=vision == "compress", vision_ratio=vision_ratio,
+                 # a vision-language model looks its embedding up inside its own forward: on the device
+                 embeddings_on_device=embeddings_on_device or spec.vision is not None, image_tiles=image_tiles,
+                 heal_rank=heal_rank)
     if emulator_params is not None:
         s = replace(s, ratio=_ratio_for_params(spec, s, parse_count(emulator_params)))
     elif ratio is None:

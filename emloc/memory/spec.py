@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from .meta_models import DECODER_ALIASES, vision_language_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _DECODERS = ("llama", "mistral", "qwen2", "qwen3")
-_VISION = ("intern_vit_6b",)
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,10 @@ class BlockStack:
     linears: tuple[Linear, ...]
     other_params: int
     qk_norm: bool
+    # (T, width) tensors alive at once in a no-grad block forward: the input, the residual and the MLP output
+    # (a ViT's layer scale adds its product); the MLP's gate, up and their product (fc1 and its GELU: 2)
+    hidden_tensors: int = 3
+    mlp_tensors: int = 3
 
     @property
     def block_params(self) -> int:
@@ -70,8 +74,8 @@ class VisionTower:
     embedding_params: int
     projector: tuple[Linear, ...]
     projector_other_params: int
-    tokens_per_tile: int       # ViT sequence per 448 px tile (patches + class token)
-    llm_tokens_per_tile: int   # tokens a tile becomes in the language model after pixel shuffle
+    tokens_per_tile: int       # ViT sequence per tile (patches + class token)
+    llm_tokens_per_tile: int   # tokens a tile becomes in the language model (after InternVL's pixel shuffle)
     max_tiles: int
 
 
@@ -131,47 +135,109 @@ def _decoder_stack(cfg: dict, where: str) -> BlockStack:
                       other_params=2 * h + (2 * d if qk_norm else 0), qk_norm=qk_norm)
 
 
-def _vision_tower(cfg: dict, llm_hidden: int, top: dict, where: str) -> VisionTower:
-    if cfg.get("model_type") not in _VISION:
-        raise UserError(f"{where}: unsupported vision tower {cfg.get('model_type')!r}; supported: {', '.join(_VISION)}")
-    hv, inter, layers, heads = (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
-                                cfg["num_attention_heads"])
-    qkv_bias, qk_norm = bool(cfg.get("qkv_bias", False)), bool(cfg.get("qk_normalization", False))
-    linears = (
-        Linear("attn.qkv", hv, 3 * hv, qkv_bias, "attn_in"),
-        Linear("attn.proj", hv, hv, True, "proj_in"),
+def _vit_linears(prefix: str, out_name: str, hv: int, inter: int, qkv_bias: bool) -> tuple[Linear, ...]:
+    return (
+        Linear(f"{prefix}.q_proj", hv, hv, qkv_bias, "attn_in"),
+        Linear(f"{prefix}.k_proj", hv, hv, qkv_bias, "attn_in"),
+        Linear(f"{prefix}.v_proj", hv, hv, qkv_bias, "attn_in"),
+        Linear(f"{prefix}.{out_name}", hv, hv, True, "attn_out_in"),
         Linear("mlp.fc1", hv, inter, True, "mlp_in"),
         Linear("mlp.fc2", inter, hv, True, "fc2_in"),
     )
+
+
+def _side(value) -> int:
+    return value if isinstance(value, int) else value[0]  # square images and patches
+
+
+def _intern_vit(cfg: dict, llm_hidden: int, top: dict) -> VisionTower:
+    """transformers' InternViT: q, k, v, projection_layer, fc1, fc2; RMS or layer norms, layer scales, optional
+    q/k norms over the whole width; pixel shuffle by ``downsample_ratio`` into a LayerNorm + 2-layer projector."""
+    hv, inter, layers, heads = (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
+                                cfg["num_attention_heads"])
+    qk_norm = bool(cfg.get("use_qk_norm", False))
     norm = hv if cfg.get("norm_type") == "rms_norm" else 2 * hv
-    other = 2 * norm + 2 * hv + (2 * hv if qk_norm else 0)  # norm1/2, layer scales ls1/ls2, q/k norms
-    stack = BlockStack("vision_tower", layers, hv, inter, heads, heads, hv // heads, linears, other, qk_norm)
-    image, patch = cfg["image_size"], cfg["patch_size"]
+    other = 2 * norm + 2 * hv + (2 * hv if qk_norm else 0)  # layernorm_before/after, lambda_1/2, q/k norms
+    stack = BlockStack("vision_tower", layers, hv, inter, heads, heads, hv // heads,
+                       _vit_linears("attention", "projection_layer", hv, inter, bool(cfg.get("attention_bias"))),
+                       other, qk_norm, hidden_tensors=4, mlp_tensors=2)
+    image, patch = _side(cfg["image_size"]), _side(cfg["patch_size"])
     patches = (image // patch) ** 2
     shuffle = int(round(1 / top.get("downsample_ratio", 0.5) ** 2))
     embedding = cfg.get("num_channels", 3) * patch * patch * hv + hv + hv + (patches + 1) * hv
-    projector = (Linear("mlp1.1", hv * shuffle, llm_hidden, True, "projector_in"),
-                 Linear("mlp1.3", llm_hidden, llm_hidden, True, "projector_out"))
-    tiles = top.get("max_dynamic_patch", 12) + (1 if top.get("use_thumbnail", False) else 0)
+    projector = (Linear("linear_1", hv * shuffle, llm_hidden, True, "projector_in"),
+                 Linear("linear_2", llm_hidden, llm_hidden, True, "projector_out"))
+    # dynamic tiling: up to max_dynamic_patch tiles and a thumbnail (the processor's defaults: 12, with one)
+    tiles = top.get("max_dynamic_patch", 12) + (1 if top.get("use_thumbnail", True) else 0)
     return VisionTower(stack, embedding, projector, 2 * hv * shuffle, patches + 1, patches // shuffle, tiles)
+
+
+def _clip(cfg: dict, llm_hidden: int, top: dict) -> VisionTower:
+    """LLaVA's CLIP tower: q, k, v, out_proj, fc1, fc2 with biases and layer norms; one image of ``image_size``,
+    its patches (and with ``vision_feature_select_strategy="full"`` the class token) into a 2-layer projector."""
+    hv, inter, layers, heads = (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
+                                cfg["num_attention_heads"])
+    # quick_gelu, x * sigmoid(1.702 x), holds one more (T, I) tensor than fc1 and a fused GELU
+    mlp_tensors = 3 if cfg.get("hidden_act") == "quick_gelu" else 2
+    stack = BlockStack("vision_tower", layers, hv, inter, heads, heads, hv // heads,
+                       _vit_linears("self_attn", "out_proj", hv, inter, True), 2 * 2 * hv, False,
+                       mlp_tensors=mlp_tensors)
+    image, patch = _side(cfg["image_size"]), _side(cfg["patch_size"])
+    patches = (image // patch) ** 2
+    # patch embedding (no bias), class embedding, positions, pre- and post-layernorm
+    embedding = cfg.get("num_channels", 3) * patch * patch * hv + hv + (patches + 1) * hv + 4 * hv
+    feature_layers = top.get("vision_feature_layer", -2)
+    width = hv * (1 if isinstance(feature_layers, int) else len(feature_layers))
+    bias = bool(top.get("multimodal_projector_bias", True))
+    projector = (Linear("linear_1", width, llm_hidden, bias, "projector_in"),
+                 Linear("linear_2", llm_hidden, llm_hidden, bias, "projector_out"))
+    llm_tokens = patches + (1 if top.get("vision_feature_select_strategy") == "full" else 0)
+    return VisionTower(stack, embedding, projector, 0, patches + 1, llm_tokens, 1)
+
+
+_VISION = {"internvl_vision": _intern_vit, "clip_vision_model": _clip}
+
+
+def _vision_language(config: dict, name: str) -> tuple[dict, dict, dict]:
+    """``(top, text, vision)`` config dicts of a vision-language config, as transformers reads them (its
+    defaults filled in; an ``internvl_chat`` config converted to transformers' InternVL)."""
+    where = f"{name}: vision tower"
+    vision_type = config["vision_config"].get("model_type")
+    if config.get("model_type") == "internvl_chat" and vision_type != "intern_vit_6b":
+        raise UserError(f"{where}: unsupported InternVL tower {vision_type!r}; supported: intern_vit_6b")
+    text_type = (config.get("llm_config") or config.get("text_config") or {}).get("model_type")
+    if DECODER_ALIASES.get(text_type, text_type) not in _DECODERS:  # before transformers reads it
+        raise UserError(f"{name}: language model: unsupported language model type {text_type!r}; "
+                        f"supported: {', '.join(_DECODERS)}")
+    cfg = vision_language_config(config)
+    top = {**config, **cfg.to_dict()}  # the original's processor settings (max_dynamic_patch) stay
+    vision = cfg.vision_config.to_dict()
+    if vision.get("model_type") not in _VISION:
+        raise UserError(f"{where}: unsupported vision tower {vision.get('model_type')!r}; supported: "
+                        f"{', '.join(_VISION)} (InternVL, LLaVA with CLIP)")
+    return top, cfg.get_text_config().to_dict(), vision
 
 
 def model_spec(config: dict, name: str = "model") -> ModelSpec:
     """The :class:`ModelSpec` of a transformers ``config.json`` (as a dict); ValueError names what is missing."""
     top = config
     llm = config.get("llm_config") or config.get("text_config") or config
-    language = _decoder_stack(llm, f"{name}: language model")
-    vision = None
+    vision_cfg = None
     if "vision_config" in config:
-        vision = _vision_tower(config["vision_config"], language.hidden, top, f"{name}: vision tower")
+        top, llm, vision_cfg = _vision_language(config, name)
+    language = _decoder_stack(llm, f"{name}: language model")
+    vision = None if vision_cfg is None else _VISION[vision_cfg["model_type"]](vision_cfg, language.hidden, top)
     # transformers 5 writes "dtype", older releases "torch_dtype"
-    dtype = next((c[key] for c in (llm, top) for key in ("torch_dtype", "dtype") if c.get(key)), "bfloat16")
+    raw = config.get("llm_config") or config.get("text_config") or config
+    dtype = next((c[key] for c in (raw, config) for key in ("torch_dtype", "dtype") if c.get(key)), "bfloat16")
+    # a vision-language model ties by its own flag (emloc.models.tie_embeddings)
+    tied = top.get("tie_word_embeddings") if vision is not None else llm.get("tie_word_embeddings", False)
     return ModelSpec(
         name=name,
         dtype_bytes=_DTYPE_BYTES.get(str(dtype), 2),
         language=language,
         vocab=llm["vocab_size"],
-        tied_embeddings=bool(llm.get("tie_word_embeddings", top.get("tie_word_embeddings", False))),
+        tied_embeddings=bool(tied),
         final_norm_params=language.hidden,
         vision=vision,
     )
