@@ -268,7 +268,8 @@ def summarize(runs: list[dict], args) -> tuple[str, list[dict]]:
         lines += ["", "Emulator fidelity on the held-out task text, before task training:", "",
                   "| ratio | emulator | parameters (share of original) | loss | KL to original | build (s) |",
                   "| ---: | --- | ---: | ---: | ---: | ---: |"]
-        for r in (r for r in mine if str(r.get("row", "")).endswith("emulator fidelity")):
+        built = [v for v in args.variants if set(VARIANTS[v]) != {"train"}]  # a recipe alone builds nothing new
+        for r in (r for r in mine if r.get("row") in {f"{v}: emulator fidelity" for v in built}):
             lines.append(f"| {r['ratio']:g} | {r['row'].split(':')[0]} | {r['parameters']:,} "
                          f"({r['linear_share']:.2f}) | {r['loss']:.3f} | {r['kl']:.3f} | {r['seconds']:.0f} |")
         lines.append("")
