@@ -44,7 +44,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipeline import format_summary
     from ..pipeline import run as run_pipeline
 
     summary = run_pipeline(args.model, args.data, args.out, args.ratio, vision_ratio=args.vision_ratio,
@@ -55,3 +54,28 @@ def run(args: argparse.Namespace) -> int:
                            evaluate_original=not args.no_eval, budget=args.budget, overwrite=args.overwrite)
     print(format_summary(summary))
     return 0
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a few lines of text for the command line."""
+    params, size, trained = summary["parameters"], summary["bytes"], summary["train"]
+    lines = [
+        f"parameters   original {params['original']:,}  emulator {params['emulator']:,} "
+        f"({params['emulator'] / params['original']:.1%})",
+        f"weights      original {size['original'] / 2**20:.1f} MiB  emulator {size['emulator'] / 2**20:.1f} MiB",
+        f"training     {trained['steps']} steps, loss {trained['first_loss']:.4f} -> {trained['last_loss']:.4f}"
+        + (f", emulator eval loss {trained['eval_loss']:.4f}" if "eval_loss" in trained else ""),
+    ]
+    for label, metrics in summary.get("original_eval", {}).items():
+        accuracy = metrics.get("eval_exact_match")
+        lines.append(f"original {label:<12} eval loss {metrics['eval_loss']:.4f}"
+                     + (f", exact match {accuracy:.1%}" if accuracy is not None else ""))
+    if "memory_plan" in summary:
+        followed = summary["memory_plan"]
+        s = followed["settings"]
+        peaks = ", ".join(f"{name} {peak / 2**30:.2f}" for name, peak in followed["device_peak_bytes"].items())
+        lines.append(f"memory plan  budget {followed['budget_bytes'] / 2**30:.2f} GiB, ratio {followed['ratio']:.3f}, "
+                     f"peak GiB {peaks}; calibration micro-batch {s['calibration_micro_batch']}, LM-head chunk "
+                     f"{s['lm_head_chunk']}, embedding on {'device' if s['embeddings_on_device'] else 'host'}")
+    lines += [f"{name:<12} {path}" for name, path in summary["outputs"].items()]
+    return "\n".join(lines)
