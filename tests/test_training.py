@@ -15,6 +15,7 @@ from checkpoints import make_chat_data, make_checkpoint, make_text_data
 from emloc import EmulatorLinear, training
 from emloc.data import IGNORE, collate, load_examples, target_tokens
 from emloc.lora import LoraAdapter, add_lora, lora_parameters
+from emloc.ranks import LORA_RANK
 from emloc.rows import DataError
 from emloc.training import CausalLMLoss, TrainConfig, cosine_schedule, evaluate, train, training_step
 from emloc_kernels import lm_head_cross_entropy
@@ -82,7 +83,7 @@ def test_training_moves_only_lora_and_lowers_the_loss(tiny, tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_a" in n or ".lora_b" in n for n in trainable)
     adapter = LoraAdapter.load(tmp_path / "adapter")
-    assert len(adapter.weights) == 14 and adapter.r == 8 and adapter.scaling == 1.0
+    assert len(adapter.weights) == 14 and adapter.r == LORA_RANK and adapter.scaling == 1.0
     report = json.loads((tmp_path / "train_report.json").read_text())
     assert report["losses"] == result.losses
 
