@@ -116,7 +116,8 @@ class Comparison:
         start = time.perf_counter()
         emloc_run(self.settings.model.path, self.data, out, ratio, train_config=self.settings.train_config(seed),
                   device="cpu", max_samples=self.settings.calibration_samples, evaluate_original=False,
-                  correction="paper", progress=False)
+                  correction="paper", progress=False,
+                  overwrite=True)  # the demo's own scratch: a run of other settings (an older demo) starts over
         seconds = time.perf_counter() - start
         emulator = load_emulator(out / "emulator", device="cpu")
         LoraAdapter.load(out / "train" / ADAPTER_DIR).apply_to(emulator)
