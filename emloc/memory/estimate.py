@@ -5,66 +5,15 @@ Every term follows what the pipeline code allocates (checked against the dry run
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from ..ranks import LORA_RANK, compressed_rank
+from ..ranks import compressed_rank
 from .spec import BlockStack, Linear, ModelSpec
+from .stage import Settings, StageMemory, not_concurrent
 from .tracker import eigh_workspace_bytes
-
-TERMS = ("weights", "activations", "covariances", "decomposition", "lora_optimizer", "logits_loss")
-STAGES = ("construction", "healing", "training", "correction", "export")
 
 FP32 = 4
 LORA_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weight and gradient, AdamW exp_avg and exp_avg_sq in fp32
 HEAL_MICRO_BATCH = 1  # HealConfig.micro_batch_size
 KL_LOGITS = 6  # (chunk, vocab) fp32 blocks alive at once in the chunked KL: both logits, both log-softmaxes, p_t, grad
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What the pipeline is asked to do, and how (the knobs the plan chooses)."""
-
-    ratio: float
-    seq_len: int = 2048
-    batch: int = 1
-    lora_r: int = LORA_RANK
-    samples: int = 64
-    calibration_micro_batch: int = 1
-    lm_head_chunk: int = 1024
-    method: str = "exact"
-    compress_vision: bool = True
-    vision_ratio: float | None = None  # the compressed tower's own ratio (None: ``ratio``)
-    embeddings_on_device: bool = False
-    image_tiles: int | None = None
-    shard_bytes: int = 2 << 30
-    heal_rank: int = 0  # 0: the build does not heal the emulator
-
-
-@dataclass
-class StageMemory:
-    """Peak bytes of one stage, by term, on the compute device and on the host."""
-
-    name: str
-    device: dict[str, int] = field(default_factory=dict)
-    host: dict[str, int] = field(default_factory=dict)
-    not_concurrent: int = 0  # deducted: the smaller of two phases that never coexist on the device
-
-    @property
-    def device_peak(self) -> int:
-        return sum(self.device.values()) - self.not_concurrent
-
-    @property
-    def host_peak(self) -> int:
-        return sum(self.host.values())
-
-    @property
-    def dominant(self) -> str:
-        return max(self.device, key=self.device.get)
-
-
-def _not_concurrent(first: int, second: int) -> int:
-    """Bytes to deduct for two phases of a stage that never coexist: the smaller of the two."""
-    return min(first, second)
 
 
 def rank(ratio: float, linear: Linear) -> int | None:
@@ -188,7 +137,7 @@ def stack_construction(spec: ModelSpec, s: Settings, stack: BlockStack) -> Stage
     }
     host = {"activations": 2 * s.samples * tokens * stack.hidden * B, "weights": stack.block_params * B}
     # calibration, then factorisation: never at the same time
-    return StageMemory("construction", device, host, _not_concurrent(device["activations"], device["decomposition"]))
+    return StageMemory("construction", device, host, not_concurrent(device["activations"], device["decomposition"]))
 
 
 def construction(spec: ModelSpec, s: Settings) -> StageMemory:
@@ -239,7 +188,7 @@ def training(spec: ModelSpec, s: Settings) -> StageMemory:
     # block's checkpoint as it fills in that block's LoRA gradients: of each pair the smaller never coexists
     # with the larger.
     return StageMemory("training", device, host,
-                       _not_concurrent(block, logits) + min(_lora_gradients(spec, s.lora_r), checkpoints))
+                       not_concurrent(block, logits) + min(_lora_gradients(spec, s.lora_r), checkpoints))
 
 
 def heal_params(spec: ModelSpec, s: Settings) -> int:
@@ -276,7 +225,7 @@ def healing(spec: ModelSpec, s: Settings) -> StageMemory:
     # The backward frees each block's checkpoint as it fills in that block's adapter gradients (the adapter is
     # large at rank 32): the smaller of the two never coexists with the larger.
     gradients = heal_params(spec, s) * FP32
-    return StageMemory("healing", device, host, _not_concurrent(block, logits) + min(gradients, checkpoints))
+    return StageMemory("healing", device, host, not_concurrent(block, logits) + min(gradients, checkpoints))
 
 
 def _lora_gradients(spec: ModelSpec, r: int) -> int:

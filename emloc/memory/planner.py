@@ -10,8 +10,8 @@ from emloc_kernels.lowrank import METHODS
 from ..errors import UserError
 from ..ranks import LORA_RANK
 from . import estimate
-from .estimate import TERMS, Settings, StageMemory
 from .spec import ModelSpec, load_model_config, model_spec
+from .stage import TERMS, Settings, StageMemory
 
 GiB = 1 << 30
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
