@@ -56,6 +56,7 @@ VARIANTS = {
     # same recipe on the original.
     "lora-r32": {"train": {"lora_r": 32, "lora_alpha": 64}},
     "lora-r64": {"train": {"lora_r": 64, "lora_alpha": 128}},
+    "lora-r128": {"train": {"lora_r": 128, "lora_alpha": 256}},
     "lora-lr3e-3": {"train": {"learning_rate": 3e-3}},
     "healed-r64": {"heal": HealConfig(gradient_checkpointing=False), "train": {"lora_r": 64, "lora_alpha": 128}},
 }
