@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from run import machine  # noqa: E402
+from runlog import RunLog  # noqa: E402
 from tasks import TASKS, make_splits, write_jsonl  # noqa: E402
 
 import emloc  # noqa: E402
@@ -76,19 +77,8 @@ class Bench:
         self.model_dir = smollm2.checkpoint()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_dir)
         self.original = transformers.AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        self.log = self.work / "runs.jsonl"
-        self.done = {}
-        if self.log.is_file():
-            for line in self.log.read_text().splitlines():
-                run = json.loads(line)
-                self.done[run["key"]] = run
+        self.runs = RunLog(self.work / "runs.jsonl")
 
-    def record(self, key: str, **fields) -> dict:
-        run = {"key": key, **fields}
-        with open(self.log, "a") as handle:
-            handle.write(json.dumps(run) + "\n")
-        self.done[key] = run
-        return run
 
     def files(self, task: str) -> tuple[Path, list[dict]]:
         train_rows, test_rows = make_splits(task, self.args.train_size, self.args.test_size)
@@ -140,14 +130,14 @@ def run_task(bench: Bench, task: str) -> None:
     args, pad_id = bench.args, bench.tokenizer.pad_token_id
     data, test = bench.files(task)
     work = bench.work / task
-    if f"{task}/zero-shot" not in bench.done:
-        bench.record(f"{task}/zero-shot", task=task, row="zero-shot", ratio=1.0, seed=0,
-                     **bench.on_original(None, test), seconds=0.0)
+    if f"{task}/zero-shot" not in bench.runs.done:
+        bench.runs.record(f"{task}/zero-shot", task=task, row="zero-shot", ratio=1.0, seed=0,
+                          **bench.on_original(None, test), seconds=0.0)
     # The ceiling of every LoRA recipe a variant trains with: a recipe is judged against itself on the original.
     for recipe in dict.fromkeys(_recipe(v) for v in args.variants):
         for seed in range(args.seeds):
             key = f"{task}/lora-original{'' if recipe is None else '-' + recipe}/{seed}"
-            if key in bench.done:
+            if key in bench.runs.done:
                 continue
             model = copy.deepcopy(bench.original)
             started = time.perf_counter()
@@ -155,14 +145,14 @@ def run_task(bench: Bench, task: str) -> None:
                              **(VARIANTS[recipe]["train"] if recipe else {}))
             result = train(model, data, config, tokenizer=bench.tokenizer, eval_data=test)
             seconds = time.perf_counter() - started
-            bench.record(key, task=task, row="LoRA on original", recipe=recipe, ratio=1.0, seed=seed, **result.eval,
-                         peak_bytes=step_peak(model, test, pad_id), seconds=seconds)
+            bench.runs.record(key, task=task, row="LoRA on original", recipe=recipe, ratio=1.0, seed=seed,
+                              **result.eval, peak_bytes=step_peak(model, test, pad_id), seconds=seconds)
     for ratio in args.ratios:
         for variant in args.variants:
             emulator_dir = work / f"emulator-{variant}-{ratio}"
             key = f"{task}/{variant}/{ratio}/fidelity"
-            build_seconds = bench.done.get(key, {}).get("seconds")
-            if key not in bench.done:
+            build_seconds = bench.runs.done.get(key, {}).get("seconds")
+            if key not in bench.runs.done:
                 started = time.perf_counter()
                 settings = {"max_samples": args.samples,
                             **{k: v for k, v in VARIANTS[variant].items() if k != "train"}}
@@ -171,13 +161,13 @@ def run_task(bench: Bench, task: str) -> None:
                 build_seconds = time.perf_counter() - started
                 emulator = emloc.load_emulator(emulator_dir)
                 report = json.loads((emulator_dir / "emloc-report.json").read_text())
-                bench.record(key, task=task, row=f"{variant}: emulator fidelity", ratio=ratio, seed=0,
-                             **fidelity(bench.original, emulator, test, pad_id), seconds=build_seconds,
-                             parameters=report["parameters_after"], linear_share=_linear_share(report),
-                             heal=report.get("heal", {}).get("kl_after"))
+                bench.runs.record(key, task=task, row=f"{variant}: emulator fidelity", ratio=ratio, seed=0,
+                                  **fidelity(bench.original, emulator, test, pad_id), seconds=build_seconds,
+                                  parameters=report["parameters_after"], linear_share=_linear_share(report),
+                                  heal=report.get("heal", {}).get("kl_after"))
             for seed in range(args.seeds):
                 key = f"{task}/{variant}/{ratio}/{seed}"
-                if key in bench.done:
+                if key in bench.runs.done:
                     continue
                 emulator = emloc.load_emulator(emulator_dir)
                 train_dir = work / f"train-{variant}-{ratio}-{seed}"
@@ -191,9 +181,9 @@ def run_task(bench: Bench, task: str) -> None:
                     adapter = trained if label == "uncorrected" else correct_lora(
                         bench.model_dir, emulator_dir, trained, clamp, progress=False)
                     scores[label] = bench.on_original(adapter, test)["eval_exact_match"]
-                bench.record(key, task=task, variant=variant, ratio=ratio, seed=seed, scores=scores,
-                             emulator_eval_loss=result.eval["eval_loss"], peak_bytes=step_peak(emulator, test, pad_id),
-                             seconds=seconds)
+                bench.runs.record(key, task=task, variant=variant, ratio=ratio, seed=seed, scores=scores,
+                                  emulator_eval_loss=result.eval["eval_loss"],
+                                  peak_bytes=step_peak(emulator, test, pad_id), seconds=seconds)
 
 
 def _recipe(variant: str) -> str | None:
@@ -326,7 +316,7 @@ def main() -> int:
     bench = Bench(args)
     for task in args.tasks if not args.report else ():
         run_task(bench, task)
-    runs = [r for r in bench.done.values() if r["task"] in args.tasks]
+    runs = [r for r in bench.runs.done.values() if r["task"] in args.tasks]
     table, rows = summarize(runs, args)
     header = (f"# Real-model quality benchmark\n\nSmolLM2-135M-Instruct, {args.steps} LoRA steps of 8 examples "
               f"(r 8, alpha 16, lr {args.lr:g}), {args.samples} calibration samples, {args.train_size} train / "

@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE))
 sys.path.append(str(HERE.parents[1] / "tests"))
 
 from run import machine  # noqa: E402
+from runlog import RunLog  # noqa: E402
 
 import emloc  # noqa: E402
 from emloc.correction import correct_lora  # noqa: E402
@@ -149,12 +150,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.work = args, args.work
         self.work.mkdir(parents=True, exist_ok=True)
-        self.log = self.work / "runs.jsonl"
-        self.done = {}
-        if self.log.is_file():
-            for line in self.log.read_text().splitlines():
-                run = json.loads(line)
-                self.done[run["key"]] = run
+        self.runs = RunLog(self.work / "runs.jsonl")
         self.pictures = make_splits(args.train_size, args.test_size)
         self.data = self.chat("colour", "train")
         self.random_dir = self.work / "random-init"
@@ -181,21 +177,15 @@ class Bench:
         if name == "random-init":
             return self.random_dir
         directory = self.work / name
-        if f"{name}/pretrain" not in self.done:
+        if f"{name}/pretrain" not in self.runs.done:
             started = time.perf_counter()
             pretrain(self.random_dir, self.chat("shape", "train"), directory, self.args)
             model = transformers.AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32)
-            self.record(f"{name}/pretrain", base=name, row="pretraining", seed=0,
-                        eval_exact_match=self.score(model, self.examples("shape", "test")),
-                        seconds=time.perf_counter() - started)
+            self.runs.record(f"{name}/pretrain", base=name, row="pretraining", seed=0,
+                             eval_exact_match=self.score(model, self.examples("shape", "test")),
+                             seconds=time.perf_counter() - started)
         return directory
 
-    def record(self, key: str, **fields) -> dict:
-        run = {"key": key, **fields}
-        with open(self.log, "a") as handle:
-            handle.write(json.dumps(run) + "\n")
-        self.done[key] = run
-        return run
 
     def train_config(self, seed: int, output_dir: Path) -> TrainConfig:
         return TrainConfig(output_dir=str(output_dir), max_steps=self.args.steps, micro_batch_size=BATCH,
@@ -224,28 +214,28 @@ def on_original(bench: Bench, model_dir: Path, adapter: LoraAdapter | None) -> f
 def run_base(bench: Bench, base: str) -> None:
     """Every run on one base model: zero-shot, the ceiling's seeds, each emulator's build and seeds."""
     args, work, model_dir = bench.args, bench.work / base, bench.base(base)
-    if f"{base}/zero-shot" not in bench.done:
-        bench.record(f"{base}/zero-shot", base=base, row="zero-shot", seed=0,
-                     eval_exact_match=on_original(bench, model_dir, None), seconds=0.0)
+    if f"{base}/zero-shot" not in bench.runs.done:
+        bench.runs.record(f"{base}/zero-shot", base=base, row="zero-shot", seed=0,
+                          eval_exact_match=on_original(bench, model_dir, None), seconds=0.0)
     for seed in range(args.seeds):
-        if f"{base}/original/{seed}" not in bench.done:
+        if f"{base}/original/{seed}" not in bench.runs.done:
             started = time.perf_counter()
             model = transformers.AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
             bench.lora(model, seed, work / f"original-{seed}")
-            bench.record(f"{base}/original/{seed}", base=base, row="LoRA on original", seed=seed,
-                         eval_exact_match=bench.score(model), seconds=time.perf_counter() - started)
+            bench.runs.record(f"{base}/original/{seed}", base=base, row="LoRA on original", seed=seed,
+                              eval_exact_match=bench.score(model), seconds=time.perf_counter() - started)
     for name, vision_ratio in EMULATORS.items():
         emulator_dir = work / f"emulator-{name.replace(' ', '-')}"
         key = f"{base}/{name}/build"
-        if key not in bench.done:
+        if key not in bench.runs.done:
             started = time.perf_counter()
             emloc.build_emulator(model_dir, bench.data, emulator_dir, RATIO, vision_compression=vision_ratio,
                                  max_samples=args.samples, max_length=MAX_LENGTH, batch_size=BATCH, progress=False)
             report = json.loads((emulator_dir / "emloc-report.json").read_text())
-            bench.record(key, base=base, row="build", emulator=name, seed=0, seconds=time.perf_counter() - started,
-                         share=report["parameters_after"] / report["parameters_before"])
+            bench.runs.record(key, base=base, row="build", emulator=name, seed=0, seconds=time.perf_counter() - started,
+                              share=report["parameters_after"] / report["parameters_before"])
         for seed in range(args.seeds):
-            if f"{base}/{name}/{seed}" not in bench.done:
+            if f"{base}/{name}/{seed}" not in bench.runs.done:
                 run_emulator(bench, base, name, emulator_dir, seed)
 
 
@@ -258,9 +248,9 @@ def run_emulator(bench: Bench, base: str, name: str, emulator_dir: Path, seed: i
     for label, clamp in CORRECTIONS.items():
         adapter = trained if clamp is None else correct_lora(model_dir, emulator_dir, trained, clamp, progress=False)
         scores[label] = on_original(bench, model_dir, adapter)
-    build = bench.done[f"{base}/{name}/build"]["seconds"]
-    bench.record(f"{base}/{name}/{seed}", base=base, emulator=name, seed=seed, scores=scores,
-                 seconds=time.perf_counter() - started + build)
+    build = bench.runs.done[f"{base}/{name}/build"]["seconds"]
+    bench.runs.record(f"{base}/{name}/{seed}", base=base, emulator=name, seed=seed, scores=scores,
+                      seconds=time.perf_counter() - started + build)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -296,7 +286,7 @@ def table(runs: list[dict], base: str) -> str:
 
 
 def report(bench: Bench, seconds: float) -> str:
-    args, runs = bench.args, list(bench.done.values())
+    args, runs = bench.args, list(bench.runs.done.values())
     lines = [f"# Visual quality benchmark: a tiny LLaVA, \"{TASK_QUESTION}\"", "",
              f"LoRA r {LORA_R}, alpha {2 * LORA_R}, {args.steps} steps of {BATCH}, lr {args.lr:g}; emulators "
              f"calibrated on {args.samples} train samples; {args.train_size} train / {args.test_size} held-out "
@@ -305,7 +295,7 @@ def report(bench: Bench, seconds: float) -> str:
              f"invocation {seconds / 60:.1f} min.", ""]
     for base in args.bases:
         lines += [f"### {base}", ""]
-        pretrained = bench.done.get(f"{base}/pretrain")
+        pretrained = bench.runs.done.get(f"{base}/pretrain")
         if pretrained:
             lines += [f"Pretrained in full on \"{PRETRAIN_QUESTION}\" ({args.pretrain_steps} steps of {BATCH}, "
                       f"lr {args.pretrain_lr:g}): held-out shape exact match "
@@ -342,7 +332,7 @@ def main() -> int:
     (args.out / "RESULTS.md").write_text(text)
     (args.out / "runs.json").write_text(json.dumps({"settings": {k: str(v) if isinstance(v, Path) else v
                                                                  for k, v in vars(args).items()},
-                                                    "machine": machine(), "runs": list(bench.done.values())},
+                                                    "machine": machine(), "runs": list(bench.runs.done.values())},
                                                    indent=1))
     print(text)
     return 0
