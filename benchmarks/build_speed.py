@@ -20,6 +20,7 @@ from pathlib import Path
 
 from build_workload import (
     FLAGSHIP_PROPORTIONS,
+    SPEEDUP_TARGETS,
     Workload,
     emulator_factors,
     error_ratios,
@@ -29,9 +30,6 @@ from build_workload import (
     run_ours,
     set_threads,
 )
-
-TARGETS = {"exact": 3.0, "randomized": 6.0}
-
 
 BUILDS = ("baseline", "exact", "randomized")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -78,7 +76,7 @@ def report(workload: Workload, result: dict) -> str:
             median = statistics.median(values)
             spread = f"{median:.2f} ({min(values):.2f}-{max(values):.2f})"
             row += f"{spread:>22}{base / median:>9.2f}x"
-        lines.append(row + (f"{TARGETS[name]:>7.0f}x" if name in TARGETS else ""))
+        lines.append(row + (f"{SPEEDUP_TARGETS[name]:>7.0f}x" if name in SPEEDUP_TARGETS else ""))
     lines += ["",
               f"exact: largest relative difference of u v from the baseline's  {result['product_error']:.2e}"
               f"  (target <= 1e-4)",

@@ -16,6 +16,7 @@ import pytest
 
 from build_workload import (
     FLAGSHIP_PROPORTIONS,
+    SPEEDUP_TARGETS,
     emulator_factors,
     error_ratios,
     product_error,
@@ -27,7 +28,6 @@ from build_workload import (
 
 WORKLOAD = FLAGSHIP_PROPORTIONS
 ROUNDS = 3
-SPEEDUP_TARGETS = {"exact": 3.0, "randomized": 6.0}
 ERROR_RATIO_BOUND = 1.02  # randomized reconstruction error over the exact optimum's
 
 baseline_run: dict[str, object] = {}
