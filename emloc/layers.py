@@ -3,6 +3,7 @@ room for a fused LoRA, and :class:`LoraWeights`, the LoRA weights it shares with
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -16,7 +17,7 @@ def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-class LoraWeights:
+class LoraWeights(abc.ABC):
     """The LoRA half of a linear layer (a mixin for an ``nn.Module`` with ``in_features`` and ``out_features``).
 
     Attributes:
@@ -36,8 +37,9 @@ class LoraWeights:
     lora_scaling: float
     lora_dropout: float
 
+    @abc.abstractmethod
     def _lora_like(self) -> Tensor:
-        raise NotImplementedError
+        """The frozen weight whose device (and by default dtype) the LoRA weights take."""
 
     def remove_lora(self) -> None:
         """Drop the LoRA weights (or start without any): the layer computes its frozen weight alone."""
