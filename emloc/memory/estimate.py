@@ -188,7 +188,7 @@ def training(spec: ModelSpec, s: Settings) -> StageMemory:
     # block's checkpoint as it fills in that block's LoRA gradients: of each pair the smaller never coexists
     # with the larger.
     return StageMemory("training", device, host,
-                       not_concurrent(block, logits) + min(_lora_gradients(spec, s.lora_r), checkpoints))
+                       not_concurrent(block, logits) + min(lora_params(spec, s.lora_r) * FP32, checkpoints))
 
 
 def heal_params(spec: ModelSpec, s: Settings) -> int:
@@ -227,13 +227,6 @@ def healing(spec: ModelSpec, s: Settings) -> StageMemory:
     gradients = heal_params(spec, s) * FP32
     return StageMemory("healing", device, host, not_concurrent(block, logits) + min(gradients, checkpoints))
 
-
-def _lora_gradients(spec: ModelSpec, r: int) -> int:
-    """Bytes of the fp32 gradients of a rank-``r`` LoRA (part of its ``lora_optimizer`` term)."""
-    return lora_params(spec, r) * FP32
-
-
-# --- correction and export --------------------------------------------------------------------------------
 
 
 def _largest(spec: ModelSpec) -> Linear:
