@@ -12,11 +12,12 @@ are kept in fp32 whatever the base dtype: an update of ``lr * step`` on a bf16 w
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -265,6 +266,22 @@ class LoraAdapter:
         return cls(weights, r=r, alpha=alpha, rslora=bool(config.get("use_rslora", False)),
                    dropout=float(config.get("lora_dropout", 0.0)), base_model=config.get("base_model_name_or_path"),
                    extra=extra)
+
+    def within(self, prefix: str) -> LoraAdapter:
+        """The weights of the modules under ``prefix`` (a module name such as ``model.layers.3``), named
+        relative to it: the adapter of that one submodule."""
+        start = f"{prefix}."
+        weights = {name.removeprefix(start): pair for name, pair in self.weights.items() if name.startswith(start)}
+        return replace(self, weights=weights, extra={})
+
+    def content_hash(self) -> str:
+        """SHA-256 of the rank, scaling and every module's weights: what a build calibrated with it records."""
+        digest = hashlib.sha256(json.dumps([self.r, self.scaling]).encode())
+        for name in sorted(self.weights):
+            digest.update(name.encode())
+            for tensor in self.weights[name]:
+                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def apply_to(self, model: nn.Module) -> None:
         """Attach these LoRA weights to ``model`` (emulator or original), by module name, with their scaling."""

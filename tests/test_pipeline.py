@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 
 import peft
 import pytest
@@ -17,6 +18,7 @@ from emloc import cli, pipeline, training
 from emloc.build import builder
 from emloc.lora import LoraAdapter
 from emloc.memory import LiveBytesTracker, parse_bytes, plan
+from emloc.training.refresh import refresh_steps
 from utils import assert_close, cli_error
 
 TRAIN = ["--steps", "6", "--batch", "2", "--accum", "1", "--lr", "0.02", "--max-length", "256", "--lm-head-chunk",
@@ -71,7 +73,7 @@ def test_run_resumes_after_an_interruption_and_summarises(inputs, tmp_path, monk
     assert re.search(r"^emloc run: .*holds a run with other settings \(ratio, train differ\)", cli_error(capsys, other))
 
 
-def test_stage_commands_chain(inputs, tmp_path):
+def test_stage_commands_chain(inputs, tmp_path, capsys):
     model, data = inputs
     emulator, train_dir = tmp_path / "emulator", tmp_path / "train"
     assert cli.main(["build", str(model), "--data", str(data), "--out", str(emulator), "--ratio", "0.5",
@@ -79,8 +81,14 @@ def test_stage_commands_chain(inputs, tmp_path):
     assert cli.main(["train", str(emulator), "--data", str(data), "--out", str(train_dir), "--rslora", *TRAIN]) == 0
     trained = LoraAdapter.load(train_dir / "adapter")
     assert trained.rslora and trained.scaling == pytest.approx(16 / 2)
-    assert cli.main(["correct", str(model), str(emulator), str(train_dir / "adapter"), "--out",
-                     str(tmp_path / "corrected")]) == 0
+    # training refreshed the emulator: the adapter records the last refresh, and correction needs that one
+    trained_on = Path(trained.extra["emulator"]["path"])
+    assert trained_on.parent == train_dir and trained_on.name.startswith("refresh-")
+    assert [p.name for p in train_dir.glob("refresh-*")] == [trained_on.name]
+    correct = ["correct", str(model), str(emulator), str(train_dir / "adapter"), "--out", str(tmp_path / "corrected")]
+    assert re.search(r"^emloc correct: .*trained on .*refresh-", cli_error(capsys, correct))
+    correct[2] = str(trained_on)
+    assert cli.main(correct) == 0
     assert cli.main(["export", str(tmp_path / "corrected"), "--model", str(model), "--out", str(tmp_path / "export"),
                      "--merge"]) == 0
     original = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
@@ -176,7 +184,9 @@ def test_budget_run_follows_the_plan_and_its_training_peak(budget_inputs, tmp_pa
     # the settings the code actually ran with are the plan's (and not the defaults: 4 samples, 1024 tokens)
     assert settings["calibration_micro_batch"] != 4 and settings["lm_head_chunk"] < 2 * 128
     micro = settings["calibration_micro_batch"]
-    assert used["calibration_batches"] == [micro] * (4 // micro)
+    # the build and every refresh of the emulator during training calibrate at the plan's micro-batch
+    refreshes = len(refresh_steps(2, training.TrainConfig().refreshes))
+    assert used["calibration_batches"] == [micro] * (4 // micro) * (1 + refreshes)
     # only target positions reach the LM head (text data: all but the last of each row); the plan counts all
     assert used["chunks"] and all(chunk == (2 * 127, settings["lm_head_chunk"]) for chunk in used["chunks"])
     assert used["embedding_on_device"] == [False] == [settings["embeddings_on_device"]]

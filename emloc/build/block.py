@@ -16,7 +16,7 @@ from emloc_kernels import Whitening, covariance_update, projected_lowrank, white
 from emloc_kernels.lowrank import Method
 
 from ..errors import BuildError
-from ..layers import EmulatorLinear
+from ..layers import EmulatorLinear, LoraWeights
 from .plan import LinearPlan, covariance_keys
 
 __all__ = ["BlockInput", "Sink", "calibrate_block", "check_finite", "compress_block", "emulate_block", "run_block"]
@@ -39,6 +39,8 @@ def calibrate_block(block: nn.Module, plan: list[list[LinearPlan]], inputs: Iter
     group that has a linear taking the whitened route (key ``"in:<first linear>"``), and the output
     covariance (without bias) of every linear taking the output route (key ``"out:<linear>"``).
 
+    A linear carrying LoRA (a refresh, docs/design.md §1.9) contributes its input as it comes and its output
+    without the LoRA term: the covariances are of the shifted activations, the factors of the frozen weight.
     Padding tokens (``mask`` False) never enter a covariance. ``sink(i, output)``, when given, receives the
     block output of the i-th input as soon as it exists (so outputs need not pile up on the device).
     Returns the covariances. Runs on meta tensors too.
@@ -58,6 +60,8 @@ def calibrate_block(block: nn.Module, plan: list[list[LinearPlan]], inputs: Iter
     def output_hook(key):
         def hook(module, args, out):
             y = out if module.bias is None else out - module.bias
+            if isinstance(module, LoraWeights) and module.lora_a is not None:  # the factors are of W alone
+                y = y - module.lora_delta(args[0]).to(y.dtype)
             covariance_update(covariances[key], y, current["mask"])
         return hook
 

@@ -24,6 +24,7 @@ from ..calibration import CalibrationBatch
 from ..errors import BuildError
 from ..healing import HealConfig
 from ..locking import holds_output_lock
+from ..lora import LoraAdapter, lora_modules
 from ..progress import progress as progress_bar
 from ..streaming import release
 from ..vision import feature_blocks
@@ -33,7 +34,8 @@ from .directory import HEAL_UNIT, OUTER_UNIT, REPORT, Manifest, save_tensors, sh
 from .finish import finish_directory
 from .heal import heal_build
 from .plan import Compression, LinearPlan, plan_compression, stack_compression
-from .settings import build_settings, calibration_batches, check_arguments, load_tokenizer, warn_few_tokens
+from .settings import (build_settings, calibration_batches, check_adapter_modules, check_arguments, load_tokenizer,
+                       warn_few_tokens)
 from .source import SourceCheckpoint, default_device
 
 __all__ = ["build_emulator"]
@@ -61,6 +63,7 @@ def build_emulator(
     host_budget: int | None = None,
     heal: HealConfig | None = None,
     damping: float = 0.0,
+    adapter: LoraAdapter | None = None,
     progress: bool = True,
 ) -> Path:
     """Build the emulator of the checkpoint in ``model_path`` into ``output_dir``, one block at a time.
@@ -90,6 +93,9 @@ def build_emulator(
         heal: distil the original into the emulator on the calibration samples after the blocks are built
             (:mod:`emloc.healing`; needs ``propagate="original"``). Each linear's rank budget is shared between
             the factors and the heal adapter, which is merged into them: same parameter count as without.
+        adapter: calibrate on the original model with these LoRA weights attached (a refresh, docs/design.md
+            §1.9): the covariances are those of the LoRA-shifted activations, the factors still those of the
+            original weights. Its modules must be linears of the blocks.
         progress: show a progress bar per block.
 
     Returns the output directory. The build report is in ``emloc-report.json`` there. On glibc the call
@@ -97,18 +103,20 @@ def build_emulator(
     """
     model_path, output_dir = Path(model_path), Path(output_dir)
     check_arguments(model_path, output_dir, svd=svd, propagate=propagate, max_samples=max_samples,
-                    max_length=max_length, batch_size=batch_size, host_budget=host_budget, damping=damping, heal=heal)
+                    max_length=max_length, batch_size=batch_size, host_budget=host_budget, damping=damping, heal=heal,
+                    adapter=adapter)
     source = SourceCheckpoint(model_path, device or default_device(), dtype)
     if heal is not None and len(source.stacks) > 1:
         raise BuildError("heal: healing is for text models; a vision-language model is built unhealed")
     compression = stack_compression(source.model, compression, vision_compression)
     plan = plan_compression(source.model, compression, heal)
+    check_adapter_modules(adapter, source)
     tokenizer = load_tokenizer(model_path, vision_language=len(source.stacks) > 1)
     batches = calibration_batches(data, tokenizer, max_samples, max_length, batch_size, seed)
     warn_few_tokens(plan, sum(b.tokens for b in batches))
     settings = build_settings(source, batches, compression=compression, data=data, max_samples=max_samples,
                               max_length=max_length, batch_size=batch_size, seed=seed, svd=svd, propagate=propagate,
-                              heal=heal, damping=damping)
+                              heal=heal, damping=damping, adapter=adapter)
     manifest = Manifest(output_dir, settings, resume, overwrite)
     if _complete(output_dir, manifest, source, heal):
         return output_dir  # already complete with these settings
@@ -127,7 +135,8 @@ def build_emulator(
             for index in range(len(stack)):
                 name, file = f"{prefix}.{index}", shard_name(position + 2, len(units) + 1)
                 _stream_block(source, prefix, index, plan[position], inputs, store, manifest, output_dir / file,
-                              name, progress, svd=svd, seed=seed + position, damping=damping, propagate=propagate)
+                              name, progress, svd=svd, seed=seed + position, damping=damping, propagate=propagate,
+                              adapter=adapter)
                 if index in features:
                     replay[index] = inputs.recorded(store)
                 position += 1
@@ -148,7 +157,7 @@ def _stream_block(source: SourceCheckpoint, prefix: str, index: int, plan: list[
     bar = progress_bar(len(inputs.slots), f"block {name}", "batch", enabled=progress)
     sink = FiniteSink(store)
     if manifest.finished(name) is not None:
-        block = _finished_block(source, prefix, index, plan, path, settings["propagate"])
+        block = _finished_block(source, prefix, index, plan, path, settings["propagate"], settings["adapter"])
         run_block(block, _counted(block_input(), bar), sink)
     else:
         block, reports = _build_block(source, prefix, index, plan, block_input, bar, sink, **settings)
@@ -182,14 +191,16 @@ def _outer_pass(source: SourceCheckpoint, batches: list[CalibrationBatch], store
 
 def _build_block(source: SourceCheckpoint, prefix: str, index: int, plan: list[list[LinearPlan]],
                  inputs: Callable[[], Iterable[BlockInput]], bar, sink: FiniteSink, *, svd: Method, seed: int,
-                 damping: float, propagate: str) -> tuple[nn.Module, dict[str, dict]]:
+                 damping: float, propagate: str, adapter: LoraAdapter | None) -> tuple[nn.Module, dict[str, dict]]:
     """Block ``index`` loaded, calibrated and compressed, with the reports of :func:`compress_block`; its
     outputs go to ``sink``: the original block's (each replacing its input as it comes) or, with
-    ``propagate="emulator"``, the compressed block's."""
+    ``propagate="emulator"``, the compressed block's. With ``adapter``, the original block runs with its LoRA."""
     name = f"{prefix}.{index}"
-    block = source.load_block(index, prefix)
+    block = _original_block(source, prefix, index, adapter)
     covariances = calibrate_block(block, plan, _counted(inputs(), bar), sink=sink if propagate == "original" else None)
     check_finite(covariances, sink.all_finite(), name)
+    for module in lora_modules(block).values():  # the factors and the saved block are the original weights
+        module.remove_lora()
     hostmem.return_freed_memory()  # the pass's transients, before the factorisations allocate
     reports = compress_block(block, plan, covariances, svd, seed=seed, damping=damping)
     del covariances
@@ -207,12 +218,21 @@ def _save_block(output_dir: Path, manifest: Manifest, name: str, file: str, bloc
         for local, r in reports.items()}})
 
 
+def _original_block(source: SourceCheckpoint, prefix: str, index: int, adapter: LoraAdapter | None) -> nn.Module:
+    """Block ``index`` of stack ``prefix`` with the original weights, and the adapter's LoRA on its linears."""
+    block = source.load_block(index, prefix)
+    mine = adapter.within(f"{prefix}.{index}") if adapter is not None else None
+    if mine is not None and mine.weights:
+        mine.apply_to(block)
+    return block
+
+
 def _finished_block(source: SourceCheckpoint, prefix: str, index: int, plan: list[list[LinearPlan]], path: Path,
-                    propagate: str) -> nn.Module:
-    """Block ``index`` ready to propagate activations on resume: the original weights, or the saved
-    emulator block when the build feeds compressed outputs forward."""
+                    propagate: str, adapter: LoraAdapter | None) -> nn.Module:
+    """Block ``index`` ready to propagate activations on resume: the original weights (with the adapter's
+    LoRA), or the saved emulator block when the build feeds compressed outputs forward."""
     if propagate == "original":
-        return source.load_block(index, prefix)
+        return _original_block(source, prefix, index, adapter)
     block = emulate_block(source.block(prefix, index), plan)
     state = {k.removeprefix(f"{prefix}.{index}."): t.to(source.device) for k, t in load_file(str(path)).items()}
     block.load_state_dict(state, assign=True)

@@ -22,8 +22,8 @@ from ..rows import DataError
 from .plan import Compression, LinearPlan, covariance_keys
 from .source import SourceCheckpoint
 
-__all__ = ["PROPAGATIONS", "build_settings", "calibration_batches", "check_arguments", "load_tokenizer",
-           "warn_few_tokens"]
+__all__ = ["PROPAGATIONS", "build_settings", "calibration_batches", "check_adapter_modules", "check_arguments",
+           "load_tokenizer", "warn_few_tokens"]
 
 PROPAGATIONS = ("original", "emulator")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -34,7 +34,7 @@ def _one_of(names) -> str:
 
 
 def check_arguments(model_path: Path, output_dir: Path, *, svd, propagate, max_samples, max_length, batch_size,
-                    host_budget, damping, heal: HealConfig | None) -> None:
+                    host_budget, damping, heal: HealConfig | None, adapter=None) -> None:
     """Raise :class:`BuildError` naming the first argument of :func:`~emloc.build_emulator` that is out of
     range or conflicts with another."""
     if svd not in METHODS:
@@ -50,6 +50,11 @@ def check_arguments(model_path: Path, output_dir: Path, *, svd, propagate, max_s
     if heal is not None and propagate != "original":
         raise BuildError("heal: healing distils the original model's outputs, which the build has only with "
                          "propagate='original'")
+    if adapter is not None and heal is not None:
+        raise BuildError("adapter: a build calibrated with a LoRA adapter (a refresh) does not heal; drop heal")
+    if adapter is not None and propagate != "original":
+        raise BuildError("adapter: a build calibrated with a LoRA adapter runs the original model's blocks with it; "
+                         "it needs propagate='original'")
     if output_dir.resolve() == model_path.resolve():
         raise BuildError(f"{output_dir}: the output directory is the model directory; the source would be overwritten")
 
@@ -98,7 +103,7 @@ def warn_few_tokens(plan: list[list[list[LinearPlan]]], tokens: int) -> None:
 
 def build_settings(source: SourceCheckpoint, batches: list[CalibrationBatch], *, compression: Compression, data,
                    max_samples, max_length, batch_size, seed, svd, propagate, heal: HealConfig | None,
-                   damping) -> dict:
+                   damping, adapter=None) -> dict:
     """The settings the manifest records and a resumed build must match: the source and its content hash,
     the compression, the calibration data (with its hash) and sampling, and the factorisation options."""
     return {
@@ -112,4 +117,18 @@ def build_settings(source: SourceCheckpoint, batches: list[CalibrationBatch], *,
         "dtype": str(source.dtype).removeprefix("torch."),
         **({"heal": asdict(heal)} if heal is not None else {}),
         **({"damping": float(damping)} if damping else {}),
+        **({"adapter": adapter.content_hash()} if adapter is not None else {}),
     }
+
+
+def check_adapter_modules(adapter, source: SourceCheckpoint) -> None:
+    """Raise :class:`BuildError` naming the first module of ``adapter`` that is not a linear of a block (the
+    build runs only the blocks with LoRA)."""
+    if adapter is None:
+        return
+    blocks = {f"{prefix}.{index}" for prefix, index in source.units()}
+    for name in sorted(adapter.weights):
+        block = next((b for b in blocks if name.startswith(b + ".")), None)
+        if block is None:
+            raise BuildError(f"adapter: {name} is not a linear of the model's blocks; a build calibrated with "
+                             "a LoRA adapter attaches LoRA only inside the blocks")

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from ..errors import check_float, check_int
 from ..ranks import LORA_RANK
 
+# Refreshes of an emulator's factors per run (docs/design.md §1.9); the real-model benchmark measured 3.
+REFRESHES = 3
+
 
 @dataclass
 class TrainConfig:
@@ -17,7 +20,9 @@ class TrainConfig:
     ``lm_head_chunk`` (tokens per LM-head block: bounds the logits memory), ``eval_fraction`` (held-out share
     of the data), ``eval_steps`` (evaluate every N steps, 0: only at the end), ``save_steps`` (checkpoint every
     N steps), ``max_grad_norm`` (None: no clipping), ``embeddings_on_device`` (False: the input embedding stays
-    on the host unless it is tied to the LM head; see :func:`emloc.training.place_input_embedding`).
+    on the host unless it is tied to the LM head; see :func:`emloc.training.place_input_embedding`), ``refreshes``
+    (times the emulator's factors are recomputed from the original with the LoRA so far, evenly spaced; only
+    on an emulator loaded from its build directory, see :mod:`emloc.training.refresh`).
     """
 
     output_dir: str | None = None
@@ -43,12 +48,14 @@ class TrainConfig:
     resume: bool = True
     seed: int = 0
     progress: bool = True
+    refreshes: int = REFRESHES
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "lora_r", "lm_head_chunk", "max_length",
                      "save_steps"):
             check_int(getattr(self, name), f"TrainConfig.{name}")
         check_int(self.eval_steps, "TrainConfig.eval_steps", minimum=0)
+        check_int(self.refreshes, "TrainConfig.refreshes", minimum=0)
         check_float(self.learning_rate, "TrainConfig.learning_rate", 0, math.inf, low_open=True, high_open=True)
         check_float(self.warmup_ratio, "TrainConfig.warmup_ratio", 0, 1)
         check_float(self.weight_decay, "TrainConfig.weight_decay", 0, math.inf, high_open=True)

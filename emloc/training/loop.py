@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from .config import TrainConfig
 from .evaluation import evaluate
 from .loss import CausalLMLoss, training_step
 from .placement import enable_checkpointing, place_input_embedding
+from .refresh import REFRESH_PREFIX, emulator_directory, load_factors, refresh_emulator, refresh_steps
 from .schedule import cosine_schedule
 
 REPORT_FILE = "train_report.json"
@@ -59,6 +62,8 @@ class _Run:
     output_dir: Path | None
     rank: int
     world: int
+    refresh_at: list[int] = field(default_factory=list)
+    refresh_root: Path | None = None  # where refreshed emulators go: output_dir, or a directory of the call
 
     @property
     def device(self) -> torch.device:
@@ -84,13 +89,24 @@ def train(model: nn.Module, data, config: TrainConfig, tokenizer=None, eval_data
     run), and the trained adapter (PEFT format) and a JSON report are written at the end. Under torchrun each
     rank takes its share of every global batch and gradients are averaged by DDP; rank 0 writes the files,
     holding the lock of ``output_dir`` (:func:`emloc.locking.output_lock`) from the start.
+
+    On an emulator loaded from its build directory, ``config.refreshes`` times during the run the emulator's
+    factors are recomputed from the original model with the LoRA trained so far (:mod:`emloc.training.refresh`,
+    docs/design.md §1.9); each refreshed emulator goes to ``output_dir/refresh-<step>`` (the latest is kept:
+    it is the emulator the adapter was trained on, and the adapter records it), or without ``output_dir`` to
+    a temporary directory removed at the end.
     """
     rank, world = _world()
     writes = config.output_dir is not None and rank == 0
-    with output_lock(config.output_dir) if writes else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if writes:
+            stack.enter_context(output_lock(config.output_dir))
         run = _setup(model, data, config, tokenizer, eval_data, rank, world)
+        if run.refresh_at:
+            run.refresh_root = run.output_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         step, history = resume(run.output_dir, model, run.optimizer, run.scheduler) \
             if run.output_dir and config.resume else (0, [])
+        _restore_refresh(run, step)
         step = _run_steps(run, step, history)
         return _finish(run, step, history)
 
@@ -121,8 +137,10 @@ def _setup(model: nn.Module, data, config: TrainConfig, tokenizer, eval_data, ra
         loss_module = nn.parallel.DistributedDataParallel(loss_module)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = cosine_schedule(optimizer, config.max_steps, config.warmup_ratio)
+    refresh_at = refresh_steps(config.max_steps, config.refreshes) if emulator_directory(model) else []
     return _Run(config, model, loss_module, optimizer, scheduler, parameters, lora_form, examples, eval_examples,
-                pad_token_id(tokenizer), Path(config.output_dir) if config.output_dir else None, rank, world)
+                pad_token_id(tokenizer), Path(config.output_dir) if config.output_dir else None, rank, world,
+                refresh_at)
 
 
 def _saved_tokenizer(model: nn.Module):
@@ -176,6 +194,8 @@ def _run_steps(run: _Run, step: int, history: list[float]) -> int:
                         tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
         bar.update()
         _evaluate_and_save(run, step, history, bar)
+        if step in run.refresh_at:
+            _refresh(run, step, history)
     bar.close()
     return step
 
@@ -221,6 +241,41 @@ def _evaluate_and_save(run: _Run, step: int, history: list[float], bar) -> None:
         save_checkpoint(run.output_dir, step, run.model, run.optimizer, run.scheduler, history, run.lora_form)
 
 
+def _refresh(run: _Run, step: int, history: list[float]) -> None:
+    """Refresh the emulator after ``step`` (rank 0 builds, every rank loads), first writing the checkpoint
+    of that step, from which a resumed run repeats the same refresh."""
+    config = run.config
+    if run.output_dir and run.rank == 0 and step % config.save_steps:
+        save_checkpoint(run.output_dir, step, run.model, run.optimizer, run.scheduler, history, run.lora_form)
+    _refreshed(run, step, build=True)
+
+
+def _restore_refresh(run: _Run, step: int) -> None:
+    """On resume at ``step``: the emulator as refreshed last before it (the refresh of ``step`` itself is
+    built, or finished if it was interrupted)."""
+    done = [s for s in run.refresh_at if s <= step]
+    if done:
+        _refreshed(run, done[-1], build=done[-1] == step)
+
+
+def _refreshed(run: _Run, step: int, build: bool) -> None:
+    """Give ``run.model`` the factors of the refresh at ``step``: built by rank 0 when ``build``, else read
+    from its directory; older refreshes are removed once it is complete."""
+    target = run.refresh_root / f"{REFRESH_PREFIX}{step}"
+    if run.rank == 0:
+        if build:
+            refresh_emulator(run.model, target, progress=run.config.progress)
+        else:
+            load_factors(run.model, target)
+        for old in run.refresh_root.glob(f"{REFRESH_PREFIX}*"):
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+    if run.world > 1:
+        dist.barrier()
+        if run.rank != 0:
+            load_factors(run.model, target)
+
+
 def _evaluate(run: _Run) -> dict[str, float]:
     return evaluate(run.model, run.eval_examples, run.config.micro_batch_size, run.config.lm_head_chunk,
                     run.pad_id)
@@ -237,6 +292,7 @@ def _finish(run: _Run, step: int, history: list[float]) -> TrainResult:
                                          base_model=getattr(run.model.config, "_name_or_path", None))
         result.adapter_dir = adapter.save(run.output_dir / ADAPTER_DIR)
         report = {"steps": step, "losses": history, **result.eval, "train_examples": len(run.examples),
-                  "eval_examples": len(run.eval_examples), "config": asdict(run.config)}
+                  "eval_examples": len(run.eval_examples), "config": asdict(run.config),
+                  **({"emulator": str(emulator_directory(run.model))} if emulator_directory(run.model) else {})}
         atomic_write_text(run.output_dir / REPORT_FILE, json.dumps(report, indent=2))
     return result
