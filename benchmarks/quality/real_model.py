@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -43,8 +44,9 @@ from emloc.training import TrainConfig, evaluate, train  # noqa: E402
 
 # Emulator variants at equal parameter count: the heal adapter's rank comes out of each linear's budget.
 # "paper" is the emulator and LoRA recipe as published (uniform ranks, no healing, rank 8); "lora-r64" is the
-# same emulator with emloc's default LoRA rank (emloc.ranks.LORA_RANK); the others are the explorations
-# docs/quality.md reports (run them with --variants).
+# same emulator with emloc's default LoRA rank (emloc.ranks.LORA_RANK); "refresh" is emloc's default, rank 64
+# with the emulator refreshed three times during training (emloc.training.refresh); the others are the
+# explorations docs/quality.md reports (run them with --variants).
 VARIANTS = {
     "paper": {"heal": None},
     "healed": {"heal": HealConfig(gradient_checkpointing=False)},
@@ -60,8 +62,11 @@ VARIANTS = {
     "lora-r128": {"train": {"lora_r": 128, "lora_alpha": 256}},
     "lora-lr3e-3": {"train": {"learning_rate": 3e-3}},
     "healed-r64": {"heal": HealConfig(gradient_checkpointing=False), "train": {"lora_r": 64, "lora_alpha": 128}},
+    "refresh": {"train": {"lora_r": 64, "lora_alpha": 128, "refreshes": 3}},
 }
-DEFAULT_VARIANTS = ("paper", "lora-r64")
+DEFAULT_VARIANTS = ("paper", "lora-r64", "refresh")
+# Training settings that act on an emulator only: a recipe's ceiling on the original ignores them.
+EMULATOR_ONLY = ("refreshes",)
 # How the emulator's adapter goes onto the original: as trained, or through the paper's correction.
 CORRECTIONS = {"uncorrected": None, "corrected": 3.0}
 MAX_LENGTH = 64
@@ -90,7 +95,7 @@ class Bench:
         return TrainConfig(output_dir=str(output_dir), max_steps=self.args.steps, micro_batch_size=8, grad_accum=1,
                            learning_rate=self.args.lr, warmup_ratio=0.1, lora_r=8, lora_alpha=16,
                            max_length=MAX_LENGTH, gradient_checkpointing=False, eval_fraction=0.0,
-                           save_steps=10**9, seed=seed, progress=False)
+                           save_steps=10**9, seed=seed, progress=False, refreshes=0)
 
     def score(self, model, test) -> dict:
         return evaluate(model, test, 16, 1024, self.tokenizer.pad_token_id)
@@ -177,10 +182,13 @@ def run_task(bench: Bench, task: str) -> None:
                 seconds = time.perf_counter() - started + build_seconds
                 scores = {"on emulator": result.eval["eval_exact_match"]}
                 trained = LoraAdapter.load(result.adapter_dir)
+                trained_on = trained.extra.get("emulator", {}).get("path") or emulator_dir  # the last refresh
                 for label, clamp in CORRECTIONS.items():
                     adapter = trained if label == "uncorrected" else correct_lora(
-                        bench.model_dir, emulator_dir, trained, clamp, progress=False)
+                        bench.model_dir, trained_on, trained, clamp, progress=False)
                     scores[label] = bench.on_original(adapter, test)["eval_exact_match"]
+                for refreshed in train_dir.glob("refresh-*"):  # an emulator's size each; scored, not needed
+                    shutil.rmtree(refreshed)
                 bench.runs.record(key, task=task, variant=variant, ratio=ratio, seed=seed, scores=scores,
                                   emulator_eval_loss=result.eval["eval_loss"],
                                   peak_bytes=step_peak(emulator, test, pad_id), seconds=seconds)
@@ -188,9 +196,13 @@ def run_task(bench: Bench, task: str) -> None:
 
 def _recipe(variant: str) -> str | None:
     """The first variant with the LoRA recipe ``variant`` trains with (None: the benchmark's own), which
-    names that recipe's ceiling."""
-    train = VARIANTS[variant].get("train")
-    return None if train is None else next(name for name, v in VARIANTS.items() if v.get("train") == train)
+    names that recipe's ceiling; settings that act on an emulator only are not part of the recipe."""
+    def recipe(name: str) -> dict | None:
+        train = VARIANTS[name].get("train")
+        return None if train is None else {k: v for k, v in train.items() if k not in EMULATOR_ONLY}
+
+    mine = recipe(variant)
+    return None if mine is None else next(name for name in VARIANTS if recipe(name) == mine)
 
 
 def _linear_share(report: dict) -> float:
@@ -203,7 +215,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 LABELS = {("paper", "corrected"): "paper: corrected (the paper's method)",
-          ("lora-r64", "uncorrected"): "lora-r64: uncorrected (emloc's default)"}
+          ("refresh", "uncorrected"): "refresh: uncorrected (emloc's default)"}
 
 
 def _row(task: str, ratio: float, method: str, values: list[float], zero: float, gain: float, peak=None,

@@ -29,7 +29,7 @@ from .config import TrainConfig
 from .evaluation import evaluate
 from .loss import CausalLMLoss, training_step
 from .placement import enable_checkpointing, place_input_embedding
-from .refresh import REFRESH_PREFIX, emulator_directory, load_factors, refresh_emulator, refresh_steps
+from .refresh import REFRESH_PREFIX, emulator_directory, load_factors, on_host, refresh_emulator, refresh_steps
 from .schedule import cosine_schedule
 
 REPORT_FILE = "train_report.json"
@@ -264,7 +264,9 @@ def _refreshed(run: _Run, step: int, build: bool) -> None:
     target = run.refresh_root / f"{REFRESH_PREFIX}{step}"
     if run.rank == 0:
         if build:
-            refresh_emulator(run.model, target, progress=run.config.progress)
+            device = run.device  # before the training state leaves it
+            with on_host(run.model, run.optimizer):
+                refresh_emulator(run.model, target, device=device, progress=run.config.progress)
         else:
             load_factors(run.model, target)
         for old in run.refresh_root.glob(f"{REFRESH_PREFIX}*"):

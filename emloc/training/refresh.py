@@ -10,6 +10,7 @@ The optimizer state carries on: only the frozen factors change.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from ..layers import EmulatorLinear
 from ..lora import LoraAdapter
 from ..streaming import CheckpointIndex
 
-__all__ = ["REFRESH_PREFIX", "emulator_directory", "load_factors", "refresh_emulator", "refresh_steps"]
+__all__ = ["REFRESH_PREFIX", "emulator_directory", "load_factors", "on_host", "refresh_emulator", "refresh_steps"]
 
 REFRESH_PREFIX = "refresh-"
 
@@ -44,10 +45,30 @@ def emulator_directory(model: nn.Module) -> Path | None:
     return Path(path)
 
 
-def refresh_emulator(model: nn.Module, output_dir, *, progress: bool = True) -> Path:
+@contextlib.contextmanager
+def on_host(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """Move ``model``'s tensors and ``optimizer``'s state off the compute device for the block, and back after
+    it (with whatever values they then hold): a refresh streams the original's blocks through the device
+    within the build's memory, not on top of the training state."""
+    moved = []
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    for tensor in tensors:
+        if tensor.device.type not in ("cpu", "meta"):
+            moved.append((tensor, tensor.device))
+            tensor.data = tensor.data.to("cpu")
+    try:
+        yield
+    finally:
+        for tensor, device in moved:
+            tensor.data = tensor.data.to(device)
+
+
+def refresh_emulator(model: nn.Module, output_dir, *, device=None, progress: bool = True) -> Path:
     """Build into ``output_dir`` the emulator of ``model``'s source checkpoint, calibrated with ``model``'s
     current LoRA on the original blocks and otherwise as ``model`` was built (healing aside: the factors take
-    the whole rank), then load its factors into ``model`` (:func:`load_factors`). Resumes an interrupted
+    the whole rank), on ``device`` (default: ``model``'s), then load its factors into ``model``
+    (:func:`load_factors`). Resumes an interrupted
     refresh with the same LoRA, and leaves the global random state as it found it. Raises :class:`~emloc.errors.UserError` when ``model`` is not a loaded
     emulator, or when its source checkpoint or calibration data changed since it was built."""
     from ..build import build_emulator
@@ -66,7 +87,7 @@ def refresh_emulator(model: nn.Module, output_dir, *, progress: bool = True) -> 
             raise UserError(f"refresh: {path}, which {directory} was built from, does not exist")
         if now() != recorded:
             raise UserError(f"refresh: {path} changed since {directory} was built from it")
-    device = next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     # The training run's random state is its own: attaching LoRA to the original's blocks draws from it.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         build_emulator(source, data, output_dir, settings["compression"], device=device,
