@@ -34,8 +34,14 @@ from .directory import HEAL_UNIT, OUTER_UNIT, REPORT, Manifest, save_tensors, sh
 from .finish import finish_directory
 from .heal import heal_build
 from .plan import Compression, LinearPlan, plan_compression, stack_compression
-from .settings import (build_settings, calibration_batches, check_adapter_modules, check_arguments, load_tokenizer,
-                       warn_few_tokens)
+from .settings import (
+    build_settings,
+    calibration_batches,
+    check_adapter_modules,
+    check_arguments,
+    load_tokenizer,
+    warn_few_tokens,
+)
 from .source import SourceCheckpoint, default_device
 
 __all__ = ["build_emulator"]

@@ -48,6 +48,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        help="evaluate every N steps (0: at the end)")
     group.add_argument("--save-steps", type=positive_int, default=d.save_steps, help="checkpoint every N steps")
     group.add_argument("--seed", type=int, default=d.seed)
+    group.add_argument("--refreshes", type=natural_int, default=d.refreshes,
+                       help="times the emulator's factors are recomputed from the original model with the LoRA "
+                            "so far, evenly spaced (docs/design.md §1.9; each streams the original once, as the "
+                            "build does; 0: off; default %(default)s)")
     add_dtype_argument(group)
     add_device_argument(group)
 
@@ -60,7 +64,8 @@ def train_config(args: argparse.Namespace, output_dir: str | None) -> TrainConfi
         max_grad_norm=args.max_grad_norm or None, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, rslora=args.rslora, lora_target=args.target, max_length=args.max_length,
         gradient_checkpointing=not args.no_checkpointing, lm_head_chunk=args.lm_head_chunk,
-        eval_fraction=args.eval_fraction, eval_steps=args.eval_steps, save_steps=args.save_steps, seed=args.seed)
+        eval_fraction=args.eval_fraction, eval_steps=args.eval_steps, save_steps=args.save_steps, seed=args.seed,
+        refreshes=args.refreshes)
 
 
 def add_parser(subparsers) -> None:
@@ -123,5 +128,6 @@ def run(args: argparse.Namespace) -> int:
         result = train(model, args.data, config, tokenizer=tokenizer)
     if result.adapter_dir is not None:
         print(json.dumps({"steps": result.steps, "first_loss": result.losses[0], "last_loss": result.losses[-1],
-                          **result.eval, "adapter": str(result.adapter_dir)}, indent=2))
+                          **result.eval, "adapter": str(result.adapter_dir),
+                          "trained_on": str(getattr(model.config, "_name_or_path", args.emulator))}, indent=2))
     return 0

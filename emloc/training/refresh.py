@@ -68,9 +68,9 @@ def refresh_emulator(model: nn.Module, output_dir, *, device=None, progress: boo
     """Build into ``output_dir`` the emulator of ``model``'s source checkpoint, calibrated with ``model``'s
     current LoRA on the original blocks and otherwise as ``model`` was built (healing aside: the factors take
     the whole rank), on ``device`` (default: ``model``'s), then load its factors into ``model``
-    (:func:`load_factors`). Resumes an interrupted
-    refresh with the same LoRA, and leaves the global random state as it found it. Raises :class:`~emloc.errors.UserError` when ``model`` is not a loaded
-    emulator, or when its source checkpoint or calibration data changed since it was built."""
+    (:func:`load_factors`). Resumes an interrupted refresh with the same LoRA, and leaves the global random
+    state as it found it. Raises :class:`~emloc.errors.UserError` when ``model`` is not a loaded emulator,
+    or when its source checkpoint or calibration data changed since it was built."""
     from ..build import build_emulator
     from ..build.directory import MANIFEST
 
