@@ -1,4 +1,4 @@
-"""LoRA correction (docs/design.md §1.9): move a LoRA trained on the emulator onto the original weights.
+"""LoRA correction (docs/design.md §1.10): move a LoRA trained on the emulator onto the original weights.
 
 For one layer with original weight ``W``, emulated weight ``W' = U V``, LoRA ``A (k, n)``, ``B (m, k)`` and
 scaling ``s``:

@@ -1,4 +1,4 @@
-"""Export a corrected adapter for the original model (docs/design.md §1.10, §5.4): a PEFT adapter directory, or
+"""Export a corrected adapter for the original model (docs/design.md §1.11, §5.4): a PEFT adapter directory, or
 merged weights.
 
 The adapter directory loads with ``peft.PeftModel.from_pretrained(original_model, directory)``; the merged

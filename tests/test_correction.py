@@ -1,4 +1,4 @@
-"""LoRA correction (docs/design.md §1.9): the corrected LoRA on the original layer reproduces the emulator +
+"""LoRA correction (docs/design.md §1.10): the corrected LoRA on the original layer reproduces the emulator +
 trained LoRA on the LoRA input space and the original layer off it, for every alpha, rank and rsLoRA; the clamp
 caps each direction's correction. Property tests run in float64 on random layers; the file-level path reads real
 shards."""

@@ -9,7 +9,7 @@ from .options import add_clamp_argument, clamp
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "correct", help="correct a LoRA trained on an emulator for the original model",
-        description="LoRA correction (docs/design.md §1.9), one layer at a time from the shards: the corrected "
+        description="LoRA correction (docs/design.md §1.10), one layer at a time from the shards: the corrected "
                     "adapter makes the original model do on the LoRA input space what the emulator did in training.")
     parser.add_argument("model", help="original model directory")
     parser.add_argument("emulator", help="emulator directory the adapter was trained on")

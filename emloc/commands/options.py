@@ -92,7 +92,7 @@ def add_clamp_argument(parser) -> None:
     """``--clamp``: the paper correction's cap; 0 turns it off, as 0 turns off ``--max-grad-norm``."""
     parser.add_argument("--clamp", type=non_negative_float, default=3.0,
                         help="cap on each LoRA direction's correction, as a multiple of that direction's "
-                             "mean |B~| (docs/design.md §1.9; default 3.0; 0: off, the full correction)")
+                             "mean |B~| (docs/design.md §1.10; default 3.0; 0: off, the full correction)")
 
 
 def clamp(args: argparse.Namespace) -> float | None:

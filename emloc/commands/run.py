@@ -32,7 +32,7 @@ def add_parser(subparsers) -> None:
     add_svd_argument(parser)
     parser.add_argument("--correction", choices=("none", "paper"), default="none",
                         help="export the adapter as trained on the (healed) emulator, or after the paper's "
-                             "correction (default none: it transfers better, docs/design.md §1.9)")
+                             "correction (default none: it transfers better, docs/design.md §1.10)")
     add_clamp_argument(parser)
     parser.add_argument("--merge", action="store_true", help="also write the merged checkpoint")
     parser.add_argument("--no-eval", action="store_true", help="skip evaluating the original model")

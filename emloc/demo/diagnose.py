@@ -1,7 +1,7 @@
 """Why the correction helps or not, in numbers: how closely the original model with each adapter
 reproduces the fine-tuned emulator on the test answers, and how large the correction is.
 
-The correction's promise is local (docs/design.md §1.9): on each layer's LoRA input subspace, the original layer with
+The correction's promise is local (docs/design.md §1.10): on each layer's LoRA input subspace, the original layer with
 the corrected LoRA computes what the emulator layer with the trained LoRA did. These measures say how much
 of the fine-tuned emulator's behaviour that recovers on the whole model.
 """
