@@ -1,4 +1,5 @@
-"""The whole EMLoC path in one call: build (and heal) the emulator, train LoRA on it, correct it, export it.
+"""The whole EMLoC path in one call: build (and heal) the emulator, train LoRA on it (refreshing the emulator as
+it goes, ``TrainConfig.refreshes``), correct it, export it.
 
 Each stage writes into its own directory under ``output_dir`` (``emulator/``, ``train/``, ``corrected/``,
 ``export/``) and is recorded in ``run_state.json`` when finished, so an interrupted run resumes at the first
@@ -119,7 +120,9 @@ def run(model_path: str | os.PathLike, data: str | os.PathLike, output_dir: str 
         ratio: compression ratio (or ``{regex: ratio}``) of the emulator; default 0.4, or with ``budget`` the
             largest that fits. For a vision-language model one ratio is its decoder's.
         vision_ratio: a vision-language model's ratio for its vision tower (default: kept dense).
-        train_config: training settings (``output_dir`` is set to ``output_dir/train``).
+        train_config: training settings (``output_dir`` is set to ``output_dir/train``); its ``refreshes``
+            (default 3) recompute the emulator's factors during training (docs/design.md §1.9), into
+            ``output_dir/train/refresh-<step>``, and the correction uses the last of them.
         heal: heal the emulator before training (docs/design.md §1.7); None (the default) builds it unhealed.
         damping: covariance damping of the factorisation (:func:`emloc.build_emulator`).
         correction: ``"none"`` exports the adapter as trained on the emulator, ``"paper"`` after the paper's
