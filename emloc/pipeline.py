@@ -68,7 +68,8 @@ def plan_for_budget(model_dir: str | os.PathLike, budget: str | int, config: Tra
         model_config = {**model_config, "torch_dtype": str(dtype).removeprefix("torch.")}
     result = replace(plan(model_config, budget, seq_len=config.max_length, batch=config.micro_batch_size,
                           lora_r=config.lora_r, samples=max_samples, ratio=ratio, svd=svd, heal_rank=heal_rank,
-                          vision="dense" if vision_ratio is None else "compress", vision_ratio=vision_ratio),
+                          vision="dense" if vision_ratio is None else "compress", vision_ratio=vision_ratio,
+                          refreshes=config.refreshes),
                      model=name)
     if not result.fits:
         given = "" if ratio is None else f"ratio {ratio} does not fit: "

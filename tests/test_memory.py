@@ -142,8 +142,10 @@ def test_tracker_matches_cpu_allocator_on_a_real_training_step(torch_backend, se
     assert abs(tracker.peak - allocator) / allocator < 0.10, (tracker.peak, allocator)
 
 
-@pytest.mark.parametrize("svd", ["exact", "randomized"])
-def test_tracker_matches_cpu_allocator_on_a_real_block_construction(torch_backend, seed, svd):
+@pytest.mark.parametrize("svd,lora_r", [("exact", 0), ("randomized", 0), ("exact", 4)])
+def test_tracker_matches_cpu_allocator_on_a_real_block_construction(torch_backend, seed, svd, lora_r):
+    """A block's calibration and factorisation; with ``lora_r``, as a refresh runs them: the LoRA attached by
+    an adapter for the pass and removed before the factorisation."""
     config = {**tiny_config("qwen2", seed), "hidden_size": 96, "head_dim": 24, "intermediate_size": 263}
     cfg = language_config(config, layers=1)
     cfg._attn_implementation = "sdpa"
@@ -153,9 +155,15 @@ def test_tracker_matches_cpu_allocator_on_a_real_block_construction(torch_backen
     item = build.BlockInput(hidden, {"position_embeddings": model.model.rotary_emb(hidden, torch.arange(157)[None])},
                                torch.rand(2, 157) > 0.2)
     block = model.model.layers[0]
+    weights = {name: (torch.randn(lora_r, m.in_features), torch.randn(m.out_features, lora_r))
+               for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with LiveBytesTracker("cpu") as tracker:
+            if lora_r:  # the block's LoRA weights are made (and freed) in view of both
+                lora.LoraAdapter(weights, r=lora_r, alpha=float(lora_r)).apply_to(block)
             covariances = build.calibrate_block(block, plan_, [item], sink=lambda index, output: None)
+            for module in lora.lora_modules(block).values():
+                module.remove_lora()
             build.compress_block(block, plan_, covariances, svd=svd)
     allocator = _allocator_peak(prof)
     assert abs(tracker.peak - allocator) / allocator < 0.10, (tracker.peak, allocator)
@@ -197,6 +205,65 @@ def test_analytic_plan_agrees_with_dry_run_within_10_percent(model_type, svd):
     p = plan(config, "2GiB", seq_len=1024, lora_r=8, samples=8, ratio=0.15, svd=svd)
     for stage, (planned, measured) in dry_run.verify(p).items():
         assert abs(planned - measured) / measured < 0.10, f"{stage}: planned {planned}, dry run {measured}"
+
+
+SCALED_32B = {"model_type": "qwen2", "hidden_size": 640, "intermediate_size": 3456, "num_hidden_layers": 8,
+              "num_attention_heads": 5, "num_key_value_heads": 1, "vocab_size": 19008, "head_dim": 128,
+              "tie_word_embeddings": False, "torch_dtype": "bfloat16", "max_position_embeddings": 4096}
+
+
+@pytest.mark.parametrize("micro_batch", [1, 8])
+def test_refresh_plan_agrees_with_its_dry_run(micro_batch):
+    """The refresh: the build's block steps with the training's LoRA on the decoder block (attached by an
+    adapter, removed before the factorisation), at the build's micro-batch; the training state is on the host."""
+    p = plan(SCALED_32B, "2GiB", seq_len=1024, lora_r=8, samples=8, ratio=0.15, calibration_micro_batch=micro_batch)
+    checked = dry_run.verify(p)
+    (planned, measured), construction = checked["refresh"], checked["construction"][1]
+    assert abs(planned - measured) / measured < 0.011, (planned, measured)
+    lora_weights = estimate.block_lora_params(model_spec(p.config).language, 8) * 4
+    assert measured >= construction + (lora_weights if micro_batch > 1 else 0)  # the pass binds at 8 samples
+    assert "refresh" not in dry_run.verify(plan(SCALED_32B, "2GiB", seq_len=1024, lora_r=8, samples=8, ratio=0.15,
+                                                refreshes=0))
+
+
+@pytest.mark.parametrize("name", ["Llama-3.1-70B", "InternVL2.5-38B"])
+def test_refresh_of_a_full_size_decoder_block_agrees_with_the_plan(name):
+    p = plan(name, "24GiB")
+    spec, s = model_spec(p.config, name), p.settings
+    planned = estimate.stack_construction(spec, s, spec.language, s.lora_r).device_peak
+    measured = dry_run.measure_construction(p.config, s.ratio, s.seq_len, s.calibration_micro_batch, s.method,
+                                            lora_r=s.lora_r)
+    assert abs(planned - measured) / measured < 0.011, (planned, measured)
+    assert p.stage("refresh").device_peak >= planned
+
+
+def test_planner_refuses_a_ratio_whose_refresh_does_not_fit():
+    """At 8 samples per pass the refresh's pass (LoRA weights, the up projection's fp32 delta) outgrows the
+    build's; a budget between the two refuses the ratio and names the refresh, and without refreshes it fits."""
+    shape = {"seq_len": 1024, "lora_r": 8, "samples": 8, "calibration_micro_batch": 8}
+    at = plan(SCALED_32B, "2GiB", ratio=0.15, **shape)
+    refresh = at.stage("refresh").device_peak
+    others = max(stage.device_peak for stage in at.stages if stage.name != "refresh")
+    assert refresh > others
+    budget = (refresh + others) // 2
+    refused = plan(SCALED_32B, budget, ratio=0.15, **shape)
+    assert not refused.fits and refused.reason.startswith("refresh needs")
+    assert plan(SCALED_32B, budget, ratio=0.15, **shape, refreshes=0).fits
+    searched = plan(SCALED_32B, budget, **shape)  # the pass does not shrink with the ratio: nothing fits
+    assert not searched.fits and "refresh needs" in searched.reason
+    # left to choose, the planner takes fewer samples per pass for the refresh's sake
+    free = {key: value for key, value in shape.items() if key != "calibration_micro_batch"}
+    chosen = plan(SCALED_32B, "1GiB", ratio=0.15, **free)
+    assert chosen.settings.calibration_micro_batch < plan(SCALED_32B, "1GiB", ratio=0.15, **free,
+                                                          refreshes=0).settings.calibration_micro_batch
+    assert chosen.stage("refresh").device["activations"] <= (1 << 30) // 4
+
+
+def test_refresh_host_holds_the_training_state():
+    p = plan("Llama-3.1-70B", "24GiB")
+    spec, refresh = model_spec(p.config, p.model), p.stage("refresh")
+    state = estimate.emulator_params(spec, p.settings) * 2 + estimate.lora_params(spec, 64) * (4 + 8 + 4)
+    assert refresh.host_peak == p.stage("construction").host_peak + state
 
 
 # --- planner choices ---------------------------------------------------------------------------------------
@@ -285,8 +352,8 @@ def test_cli_json_and_exit_status(capsys):
     assert main(["plan", "Qwen2.5-72B", "--budget", "24GiB", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] and 0 < out["ratio"] < 1
-    assert set(out["stages"]) == {"construction", "training", "correction", "export"}
-    assert main(["plan", "Qwen2.5-72B", "--budget", "24GiB", "--json", "--heal-rank", "32"]) == 0
+    assert set(out["stages"]) == {"construction", "training", "refresh", "correction", "export"}
+    assert main(["plan", "Qwen2.5-72B", "--budget", "24GiB", "--json", "--heal-rank", "32", "--refreshes", "0"]) == 0
     healed = set(json.loads(capsys.readouterr().out)["stages"])
     assert healed == {"construction", "healing", "training", "correction", "export"}
     assert out["settings"]["lm_head_chunk"] >= 16
@@ -371,7 +438,10 @@ def test_vision_tower_dry_run_agrees_with_the_plan_within_5_percent(name, vision
     checked = dry_run.verify(p)
     assert {"construction: vision tower", "construction: language model"} <= set(checked)
     for stage, (planned, measured) in checked.items():
-        tolerance = 0.05 if stage.startswith("construction") else 0.10  # as for text models at this scale
+        tolerance = 0.05 if stage.startswith(("construction", "refresh")) else 0.10  # as for text models here
         assert abs(planned - measured) / measured < tolerance, f"{stage}: planned {planned}, dry run {measured}"
     assert checked["construction"][1] == max(checked["construction: vision tower"][1],
                                              checked["construction: language model"][1])
+    # a refresh streams the tower as it was built, the decoder with the LoRA
+    assert checked["refresh"][1] == max(checked["construction: vision tower"][1],
+                                        checked["refresh: language model"][1])

@@ -78,6 +78,17 @@ def add_lora_rank_argument(parser, help: str = "LoRA rank on every linear but th
     parser.add_argument("--lora-r", type=positive_int, default=LORA_RANK, help=f"{help} (default %(default)s)")
 
 
+def add_refreshes_argument(parser) -> None:
+    """``--refreshes``: times training refreshes the emulator (:class:`emloc.training.TrainConfig` ``refreshes``),
+    or that the memory plan plans for."""
+    from ..training.config import REFRESHES
+
+    parser.add_argument("--refreshes", type=natural_int, default=REFRESHES,
+                        help="times the emulator's factors are recomputed from the original model with the LoRA "
+                             "so far, evenly spaced (docs/design.md §1.9; each streams the original once, as the "
+                             "build does; 0: off; default %(default)s)")
+
+
 def add_samples_argument(parser) -> None:
     """``--samples``: the calibration samples of the build."""
     parser.add_argument("--samples", type=positive_int, default=64, help="calibration samples (default 64)")

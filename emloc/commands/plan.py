@@ -10,6 +10,7 @@ from ..memory.planner import DEFAULT_HEAL_RANK
 from .options import (
     add_batch_argument,
     add_lora_rank_argument,
+    add_refreshes_argument,
     add_samples_argument,
     add_svd_argument,
     natural_int,
@@ -20,9 +21,9 @@ from .options import (
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "plan", help="plan the memory of every stage and the compression ratio that fits a budget",
-        description="Memory of building the emulator, training LoRA on it, correcting and exporting it, per stage "
-                    "and term, from a config alone. Without --ratio / --emulator-params, picks the largest "
-                    f"ratio that fits. Shipped configs: {', '.join(reference_configs())}.")
+        description="Memory of building the emulator, training LoRA on it (and refreshing it), correcting and "
+                    "exporting it, per stage and term, from a config alone. Without --ratio / --emulator-params, "
+                    f"picks the largest ratio that fits. Shipped configs: {', '.join(reference_configs())}.")
     parser.add_argument("model", help="model directory, config.json, or the name of a shipped config")
     parser.add_argument("--budget", default="24GiB", help="device memory per stage (24GiB, 20GB, ...; default 24GiB)")
     parser.add_argument("--seq-len", type=positive_int, default=2048, help="training sequence length (default 2048)")
@@ -31,6 +32,7 @@ def add_parser(subparsers) -> None:
     add_samples_argument(parser)
     parser.add_argument("--heal-rank", type=natural_int, default=DEFAULT_HEAL_RANK,
                         help="heal adapter rank when the build heals (`--heal-steps`; default 0: it does not)")
+    add_refreshes_argument(parser)
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--ratio", type=float, help="plan this compression ratio instead of searching")
     target.add_argument("--emulator-params", help="plan the smallest ratio giving this many parameters (e.g. 5B)")
@@ -48,7 +50,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     result = plan(args.model, args.budget, args.seq_len, args.batch, args.lora_r, args.samples, ratio=args.ratio,
                   emulator_params=args.emulator_params, vision=args.vision, svd=args.svd,
-                  embeddings_on_device=args.embeddings_on_device, heal_rank=args.heal_rank)
+                  embeddings_on_device=args.embeddings_on_device, heal_rank=args.heal_rank, refreshes=args.refreshes)
     checked = None
     if args.dry_run:
         from ..memory.dry_run import verify

@@ -16,6 +16,7 @@ from .options import (
     add_device_argument,
     add_dtype_argument,
     add_lora_rank_argument,
+    add_refreshes_argument,
     natural_int,
     positive_int,
 )
@@ -48,10 +49,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        help="evaluate every N steps (0: at the end)")
     group.add_argument("--save-steps", type=positive_int, default=d.save_steps, help="checkpoint every N steps")
     group.add_argument("--seed", type=int, default=d.seed)
-    group.add_argument("--refreshes", type=natural_int, default=d.refreshes,
-                       help="times the emulator's factors are recomputed from the original model with the LoRA "
-                            "so far, evenly spaced (docs/design.md §1.9; each streams the original once, as the "
-                            "build does; 0: off; default %(default)s)")
+    add_refreshes_argument(group)
     add_dtype_argument(group)
     add_device_argument(group)
 

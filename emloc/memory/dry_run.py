@@ -6,6 +6,9 @@ compute device. Nothing is allocated; a 38B model runs in seconds.
   micro-batch and :func:`emloc.build.compress_block` with the planned ranks: a decoder block, and a vision
   tower's block on the micro-batch's image tiles as :func:`emloc.models.capture_block_inputs` catches them
   from the model's own forward on meta pixel values;
+* refresh: the decoder block's construction with the training's LoRA attached by
+  :meth:`emloc.lora.LoraAdapter.apply_to` as a refresh attaches it (and removed before the factorisation, as
+  the build removes it); the training state waits on the host, so only the block's pass is on the device;
 * training: the whole emulator (planned ranks, LoRA from :func:`emloc.lora.add_lora`, gradient
   checkpointing), one step of :class:`emloc.training.CausalLMLoss` (chunked LM head) with AdamW;
 * healing: the whole emulator with the heal adapter of :func:`emloc.healing.add_heal_adapter`, one step of
@@ -50,22 +53,40 @@ def _tokens(batch: int, seq_len: int) -> dict[str, torch.Tensor]:
 
 
 def _construct(block: nn.Module, plan, item: BlockInput, svd: str) -> int:
-    """Peak device bytes of the build's steps on one block: calibrate on ``item``, then compress."""
+    """Peak device bytes of the build's steps on one block: calibrate on ``item`` (with the block's LoRA, if
+    it carries one), remove the LoRA as the build does, then compress."""
     with LiveBytesTracker("meta") as tracker:
         tracker.adopt([*block.parameters(), item.hidden, item.mask])
         # the sink is where a build sends each output to the host; here it is simply dropped
         covariances = calibrate_block(block, plan, [item], sink=lambda index, output: None)
         del item
+        for module in lora.lora_modules(block).values():
+            module.remove_lora()
         compress_block(block, plan, covariances, svd=svd)
     return tracker.peak
 
 
+def _attach_task_lora(model: nn.Module, prefix: str, block: nn.Module, r: int) -> None:
+    """Attach to ``block`` (``prefix``, a block of ``model``) the LoRA training puts there (rank ``r`` on the
+    default target), as a refresh does: an adapter's weights (meta here, the host in a refresh) applied by
+    :meth:`emloc.lora.LoraAdapter.apply_to`."""
+    linears = {name: model.get_submodule(name) for name in lora.target_modules(model, None)}
+    meta = {"device": "meta"}
+    weights = {name: (torch.empty(r, linear.in_features, **meta), torch.empty(linear.out_features, r, **meta))
+               for name, linear in linears.items()}
+    del linears  # the original linears, which the LoRA layers replace: their weights must not outlive them
+    lora.LoraAdapter(weights, r=r, alpha=float(r)).within(prefix).apply_to(block)
+
+
 def measure_construction(config: dict, ratio: float, seq_len: int, micro_batch: int, svd: str,
-                         dtype: torch.dtype = torch.bfloat16) -> int:
-    """Peak device bytes to calibrate and compress one decoder block on one micro-batch."""
+                         dtype: torch.dtype = torch.bfloat16, lora_r: int = 0) -> int:
+    """Peak device bytes to calibrate and compress one decoder block on one micro-batch; with ``lora_r`` (a
+    refresh), calibrated with the training's LoRA of that rank attached."""
     model = meta_model(language_config(config, layers=1), dtype)
     plan = plan_compression(model, ratio)[0]
-    _, stack = models.block_stack(model)
+    prefix, stack = models.block_stack(model)
+    if lora_r:
+        _attach_task_lora(model, f"{prefix}.0", stack[0], lora_r)
     hidden = torch.empty(micro_batch, seq_len, model.config.hidden_size, dtype=dtype, device="meta")
     positions = torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta")
     item = BlockInput(hidden, {"position_embeddings": model.model.rotary_emb(hidden, positions)},
@@ -202,7 +223,8 @@ def verify(plan) -> dict[str, tuple[int, int]]:
 
     Returns ``{stage: (planned device bytes, measured device bytes)}``; for a vision-language model also the
     construction of each stack, ``"construction: language model"`` and ``"construction: vision tower"``
-    (the stage's peak is the larger of the two).
+    (the stage's peak is the larger of the two), and the refresh of its decoder, ``"refresh: language
+    model"`` (the tower is refreshed as it was built: no LoRA).
     """
     s, config = plan.settings, plan.config
     spec = model_spec(config, plan.model)
@@ -216,12 +238,18 @@ def verify(plan) -> dict[str, tuple[int, int]]:
         construction["vision tower"] = (
             estimate.stack_construction(spec, s, spec.vision.stack).device_peak,
             measure_vision_construction(config, estimate.tower_ratio(s), images, s.method, dtype))
+    # a refresh re-runs the build with the LoRA on the decoder's blocks; the tower's are run as they were built
+    refresh = {**construction, "language model": (
+        estimate.stack_construction(spec, s, spec.language, s.lora_r).device_peak,
+        measure_construction(config, s.ratio, s.seq_len, s.calibration_micro_batch, s.method, dtype, s.lora_r))
+    } if s.refreshes else {}
     measured = {
         "construction": max(m for _, m in construction.values()),
         "training": measure_training(config, s.ratio, s.seq_len, s.batch, s.lora_r, s.lm_head_chunk,
                                      s.embeddings_on_device, vision_bytes, dtype),
         **({"healing": measure_healing(config, s.ratio, s.seq_len, s.heal_rank, s.lm_head_chunk, vision_bytes, dtype)}
            if s.heal_rank else {}),
+        **({"refresh": max(m for _, m in refresh.values())} if s.refreshes else {}),
         "correction": measure_correction(config, s.ratio, s.lora_r, dtype),
         "export": measure_export(config, s.lora_r, dtype),
     }
@@ -229,4 +257,6 @@ def verify(plan) -> dict[str, tuple[int, int]]:
     checked = {name: (planned[name], measured[name]) for name in measured}
     if spec.vision is not None:
         checked.update({f"construction: {name}": pair for name, pair in construction.items()})
+        if s.refreshes:
+            checked["refresh: language model"] = refresh["language model"]
     return checked

@@ -11,7 +11,8 @@ from .stage import Settings, StageMemory, not_concurrent
 from .tracker import eigh_workspace_bytes
 
 FP32 = 4
-LORA_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weight and gradient, AdamW exp_avg and exp_avg_sq in fp32
+ADAMW_MOMENTS = 2 * FP32  # AdamW's exp_avg and exp_avg_sq of an fp32 parameter
+LORA_BYTES_PER_PARAM = FP32 + FP32 + ADAMW_MOMENTS  # fp32 weight and gradient, and the AdamW moments
 HEAL_MICRO_BATCH = 1  # HealConfig.micro_batch_size
 KL_LOGITS = 6  # (chunk, vocab) fp32 blocks alive at once in the chunked KL: both logits, both log-softmaxes, p_t, grad
 
@@ -55,10 +56,14 @@ def vision_params(spec: ModelSpec, s: Settings) -> int:
     return stack_params(v.stack, tower_ratio(s)) + v.embedding_params + projector
 
 
+def block_lora_params(stack: BlockStack, r: int) -> int:
+    """LoRA parameters of one block of ``stack``: rank ``r`` on each of its linears."""
+    return sum(r * (linear.in_features + linear.out_features) for linear in stack.linears)
+
+
 def lora_params(spec: ModelSpec, r: int) -> int:
     """Trainable LoRA parameters: rank ``r`` on every decoder linear (the vision tower stays frozen)."""
-    per_block = sum(r * (linear.in_features + linear.out_features) for linear in spec.language.linears)
-    return spec.language.blocks * per_block
+    return spec.language.blocks * block_lora_params(spec.language, r)
 
 
 def image_tiles(spec: ModelSpec, s: Settings) -> int:
@@ -120,34 +125,48 @@ def stack_tokens(spec: ModelSpec, stack: BlockStack, s: Settings) -> int:
     return image_tiles(spec, s) * spec.vision.tokens_per_tile
 
 
-def stack_construction(spec: ModelSpec, s: Settings, stack: BlockStack) -> StageMemory:
+def stack_construction(spec: ModelSpec, s: Settings, stack: BlockStack, lora_r: int = 0) -> StageMemory:
     """Building one block of ``stack``: its weights, the calibration micro-batch through it, the covariances
     of its input groups, then the factorisation of its largest linear; on the host every sample's block
-    input and output."""
+    input and output. With ``lora_r`` (a refresh, :mod:`emloc.training.refresh`) a decoder block is
+    calibrated with the task LoRA on its linears: their fp32 weights, and at the pass's peak the up
+    projection's LoRA delta (fp32, and cast to the block's dtype) beside the MLP's tensors, one ``(T, I)``
+    fp32 more; the LoRA is removed before the factorisation. A vision tower carries no task LoRA."""
     ratio = s.ratio if stack is spec.language else tower_ratio(s)
     B = spec.dtype_bytes
     ranked = [] if ratio is None else [(linear, rank(ratio, linear)) for linear in stack.linears]
     ranked = [(linear, r) for linear, r in ranked if r is not None]
     tokens = stack_tokens(spec, stack, s)
+    micro_batch = s.calibration_micro_batch * tokens
+    lora_r = lora_r if stack is spec.language else 0
     device = {
         "weights": stack.block_params * B,
         "covariances": 0 if ratio is None else sum(FP32 * n * n for n in _covariance_sizes(stack, ratio)),
-        "activations": _calibration_activation_bytes(stack, s.calibration_micro_batch * tokens, B),
+        "activations": _calibration_activation_bytes(stack, micro_batch, B)
+                       + (micro_batch * FP32 * stack.intermediate if lora_r else 0),
         "decomposition": max((decomposition_bytes(linear, r, s.method) for linear, r in ranked), default=0),
     }
+    if lora_r:
+        device["lora_optimizer"] = block_lora_params(stack, lora_r) * FP32
     host = {"activations": 2 * s.samples * tokens * stack.hidden * B, "weights": stack.block_params * B}
-    # calibration, then factorisation: never at the same time
-    return StageMemory("construction", device, host, not_concurrent(device["activations"], device["decomposition"]))
+    # calibration (with the LoRA, if any), then factorisation: never at the same time
+    calibration = device["activations"] + device.get("lora_optimizer", 0)
+    return StageMemory("construction", device, host, not_concurrent(calibration, device["decomposition"]))
 
 
-def construction(spec: ModelSpec, s: Settings) -> StageMemory:
+def _streamed(spec: ModelSpec, s: Settings, name: str, lora_r: int = 0) -> StageMemory:
     """One block at a time, every stack streamed (a vision tower's, dense or compressed, then the decoder's):
     the worst stack's block sets the device peak, and the worst stack's samples the host peak."""
     stacks = [spec.language] + ([spec.vision.stack] if spec.vision is not None else [])
-    built = [stack_construction(spec, s, stack) for stack in stacks]
+    built = [stack_construction(spec, s, stack, lora_r) for stack in stacks]
     worst = max(built, key=lambda stage: stage.device_peak)
     host = max(built, key=lambda stage: stage.host_peak).host
-    return StageMemory("construction", worst.device, host, worst.not_concurrent)
+    return StageMemory(name, worst.device, host, worst.not_concurrent)
+
+
+def construction(spec: ModelSpec, s: Settings) -> StageMemory:
+    """The build: every stack's blocks streamed through the device (:func:`stack_construction`)."""
+    return _streamed(spec, s, "construction")
 
 
 # --- training ---------------------------------------------------------------------------------------------
@@ -189,6 +208,18 @@ def training(spec: ModelSpec, s: Settings) -> StageMemory:
     # with the larger.
     return StageMemory("training", device, host,
                        not_concurrent(block, logits) + min(lora_params(spec, s.lora_r) * FP32, checkpoints))
+
+
+def refresh(spec: ModelSpec, s: Settings) -> StageMemory:
+    """A refresh during training (:mod:`emloc.training.refresh`): the build re-run with the task LoRA on the
+    decoder's blocks (:func:`stack_construction` with ``lora_r``), the training state waiting on the host:
+    the emulator's weights, the LoRA's fp32 weights and AdamW moments (gradients are None between steps),
+    and the adapter's fp32 copy the build calibrates with (``LoraAdapter.from_model``)."""
+    built = _streamed(spec, s, "refresh", s.lora_r)
+    host = dict(built.host)
+    host["weights"] += emulator_params(spec, s) * spec.dtype_bytes
+    host["lora_optimizer"] = lora_params(spec, s.lora_r) * (FP32 + ADAMW_MOMENTS + FP32)
+    return StageMemory("refresh", built.device, host, built.not_concurrent)
 
 
 def heal_params(spec: ModelSpec, s: Settings) -> int:
@@ -263,4 +294,5 @@ def export(spec: ModelSpec, s: Settings) -> StageMemory:
 def stages(spec: ModelSpec, s: Settings) -> list[StageMemory]:
     """Peak memory of every stage, in pipeline order."""
     healed = [healing(spec, s)] if s.heal_rank else []
-    return [construction(spec, s), *healed, training(spec, s), correction(spec, s), export(spec, s)]
+    refreshed = [refresh(spec, s)] if s.refreshes else []
+    return [construction(spec, s), *healed, training(spec, s), *refreshed, correction(spec, s), export(spec, s)]

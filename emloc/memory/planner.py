@@ -9,6 +9,7 @@ from emloc_kernels.lowrank import METHODS
 
 from ..errors import UserError
 from ..ranks import LORA_RANK
+from ..training.config import REFRESHES
 from . import estimate
 from .spec import ModelSpec, load_model_config, model_spec
 from .stage import TERMS, Settings, StageMemory
@@ -182,12 +183,17 @@ def _lm_head_chunk(spec: ModelSpec, tokens: int, budget: int) -> int:
     return max(chunk, 16)
 
 
+def _calibrating(spec: ModelSpec, s: Settings) -> list[StageMemory]:
+    """The stages that calibrate at the build's micro-batch: the construction, and the refreshes re-running it."""
+    return [estimate.construction(spec, s)] + ([estimate.refresh(spec, s)] if s.refreshes else [])
+
+
 def _calibration_micro_batch(spec: ModelSpec, s: Settings, budget: int) -> int:
     # as many samples per block pass as fit in a quarter of the budget, at most 8 (and at most all of them)
     mb = 1
     while mb * 2 <= min(8, s.samples):
-        stage = estimate.construction(spec, replace(s, calibration_micro_batch=mb * 2))
-        if stage.device["activations"] > budget // 4 or stage.device_peak > budget:
+        if any(st.device["activations"] > budget // 4 or st.device_peak > budget
+               for st in _calibrating(spec, replace(s, calibration_micro_batch=mb * 2))):
             break
         mb *= 2
     return mb
@@ -225,10 +231,10 @@ def _ratio_for_params(spec: ModelSpec, s: Settings, target: int) -> float:
 def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch: int = 1, lora_r: int = LORA_RANK,
          samples: int = 64, *, ratio: float | None = None, emulator_params: str | int | None = None,
          vision: str = "compress", vision_ratio: float | None = None, svd: str = "exact",
-         embeddings_on_device: bool = False,
+         embeddings_on_device: bool = False, refreshes: int = REFRESHES,
          image_tiles: int | None = None, lm_head_chunk: int | None = None,
          calibration_micro_batch: int | None = None, heal_rank: int = DEFAULT_HEAL_RANK) -> Plan:
-    """Plan the memory of building an emulator, training LoRA on it, correcting and exporting it.
+    """Plan the memory of building an emulator, training LoRA on it (refreshing it), correcting and exporting it.
 
     Args:
         config_or_dir: a config dict, a ``config.json``, a model directory, or a shipped config name
@@ -249,6 +255,7 @@ def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch:
         lm_head_chunk, calibration_micro_batch: override the planned values.
         heal_rank: rank of the build's heal adapter when it heals (docs/design.md §1.7, ``--heal-steps``);
             0, the default, when it does not.
+        refreshes: ``TrainConfig.refreshes``; above 0 a refresh stage (the build re-run with the LoRA).
 
     Returns a :class:`Plan`; ``plan.fits`` is False with ``plan.reason`` naming the stage and its largest
     term when no ratio (or not the requested one) fits.
@@ -256,8 +263,9 @@ def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch:
     for name, value in (("seq_len", seq_len), ("batch", batch), ("lora_r", lora_r), ("samples", samples)):
         if not isinstance(value, int) or value < 1:
             raise UserError(f"plan: {name} must be a positive integer, got {value!r}")
-    if isinstance(heal_rank, bool) or not isinstance(heal_rank, int) or heal_rank < 0:
-        raise UserError(f"plan: heal_rank must be an integer >= 0, got {heal_rank!r}")
+    for name, value in (("heal_rank", heal_rank), ("refreshes", refreshes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"plan: {name} must be an integer >= 0, got {value!r}")
     if vision not in ("compress", "dense"):
         raise UserError(f"plan: vision must be 'compress' or 'dense', got {vision!r}")
     if svd not in METHODS:
@@ -277,7 +285,7 @@ def plan(config_or_dir, budget: str | int = "24GiB", seq_len: int = 2048, batch:
                  lm_head_chunk=chunk, method=svd, compress_vision=vision == "compress", vision_ratio=vision_ratio,
                  # a vision-language model looks its embedding up inside its own forward: on the device
                  embeddings_on_device=embeddings_on_device or spec.vision is not None, image_tiles=image_tiles,
-                 heal_rank=heal_rank)
+                 heal_rank=heal_rank, refreshes=refreshes, calibration_micro_batch=calibration_micro_batch or 1)
     if emulator_params is not None:
         s = replace(s, ratio=_ratio_for_params(spec, s, parse_count(emulator_params)))
     elif ratio is None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..ranks import LORA_RANK
+from ..training.config import REFRESHES
 
 TERMS = ("weights", "activations", "covariances", "decomposition", "lora_optimizer", "logits_loss")
-STAGES = ("construction", "healing", "training", "correction", "export")
-
+STAGES = ("construction", "healing", "training", "refresh", "correction", "export")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Settings:
     image_tiles: int | None = None
     shard_bytes: int = 2 << 30
     heal_rank: int = 0  # 0: the build does not heal the emulator
+    refreshes: int = REFRESHES  # times training rebuilds the emulator with its LoRA (0: the refresh stage is not run)
 
 
 @dataclass
