@@ -94,14 +94,16 @@ def _init_distributed() -> str | None:
     return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
 
 
-def _emulator_ratio(emulator_dir: str) -> float:
-    """The single compression ratio an emulator directory was built with (its config's ``emloc`` section)."""
+def _built_with(emulator_dir: str) -> tuple[float, int]:
+    """The single compression ratio an emulator directory was built with and its calibration sample count
+    (its config's ``emloc`` section): what the plan's refreshes rebuild with."""
     from ..build import read_emloc_section
 
-    compression = read_emloc_section(emulator_dir)["compression"]
+    section = read_emloc_section(emulator_dir)
+    compression = section["compression"]
     if list(compression) != [".*"]:
         raise UserError(f"{emulator_dir}: built with per-module ratios {compression}; --budget plans one ratio")
-    return compression[".*"]
+    return compression[".*"], section["calibration"]["max_samples"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     device = _init_distributed() or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = train_config(args, args.out)
     if args.budget is not None:
-        followed = plan_for_budget(args.emulator, args.budget, config, _emulator_ratio(args.emulator),
+        ratio, samples = _built_with(args.emulator)
+        followed = plan_for_budget(args.emulator, args.budget, config, ratio, max_samples=samples,
                                    dtype=args.dtype, heal_rank=0)  # the emulator is built
         print(followed.table())
         config = dataclasses.replace(config, **followed.train_kwargs())
