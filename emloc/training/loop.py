@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,7 @@ from .config import TrainConfig
 from .evaluation import evaluate
 from .loss import CausalLMLoss, training_step
 from .placement import enable_checkpointing, place_input_embedding
-from .refresh import REFRESH_PREFIX, emulator_directory, load_factors, on_host, refresh_emulator, refresh_steps
+from .refresh import emulator_directory, refresh_steps, switch_to_refresh
 from .schedule import cosine_schedule
 
 REPORT_FILE = "train_report.json"
@@ -247,7 +246,8 @@ def _refresh(run: _Run, step: int, history: list[float]) -> None:
     config = run.config
     if run.output_dir and run.rank == 0 and step % config.save_steps:
         save_checkpoint(run.output_dir, step, run.model, run.optimizer, run.scheduler, history, run.lora_form)
-    _refreshed(run, step, build=True)
+    switch_to_refresh(run.model, run.optimizer, run.refresh_root, step, build=True, device=run.device,
+                      rank=run.rank, world=run.world, progress=run.config.progress)
 
 
 def _restore_refresh(run: _Run, step: int) -> None:
@@ -255,27 +255,8 @@ def _restore_refresh(run: _Run, step: int) -> None:
     built, or finished if it was interrupted)."""
     done = [s for s in run.refresh_at if s <= step]
     if done:
-        _refreshed(run, done[-1], build=done[-1] == step)
-
-
-def _refreshed(run: _Run, step: int, build: bool) -> None:
-    """Give ``run.model`` the factors of the refresh at ``step``: built by rank 0 when ``build``, else read
-    from its directory; older refreshes are removed once it is complete."""
-    target = run.refresh_root / f"{REFRESH_PREFIX}{step}"
-    if run.rank == 0:
-        if build:
-            device = run.device  # before the training state leaves it
-            with on_host(run.model, run.optimizer):
-                refresh_emulator(run.model, target, device=device, progress=run.config.progress)
-        else:
-            load_factors(run.model, target)
-        for old in run.refresh_root.glob(f"{REFRESH_PREFIX}*"):
-            if old != target:
-                shutil.rmtree(old, ignore_errors=True)
-    if run.world > 1:
-        dist.barrier()
-        if run.rank != 0:
-            load_factors(run.model, target)
+        switch_to_refresh(run.model, run.optimizer, run.refresh_root, done[-1], build=done[-1] == step,
+                          device=run.device, rank=run.rank, world=run.world, progress=run.config.progress)
 
 
 def _evaluate(run: _Run) -> dict[str, float]:

@@ -11,9 +11,11 @@ The optimizer state carries on: only the frozen factors change.
 from __future__ import annotations
 
 import contextlib
+import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..errors import UserError
@@ -22,7 +24,8 @@ from ..layers import EmulatorLinear
 from ..lora import LoraAdapter
 from ..streaming import CheckpointIndex
 
-__all__ = ["REFRESH_PREFIX", "emulator_directory", "load_factors", "on_host", "refresh_emulator", "refresh_steps"]
+__all__ = ["REFRESH_PREFIX", "emulator_directory", "load_factors", "on_host", "refresh_emulator", "refresh_steps",
+           "switch_to_refresh"]
 
 REFRESH_PREFIX = "refresh-"
 
@@ -119,3 +122,26 @@ def load_factors(model: nn.Module, emulator_dir) -> None:
                 getattr(module, factor).copy_(tensor)
     model.config.emloc = section
     model.config._name_or_path = str(emulator_dir)
+
+
+def switch_to_refresh(model: nn.Module, optimizer: torch.optim.Optimizer, root: Path, step: int, *, build: bool,
+                      device: torch.device, rank: int = 0, world: int = 1, progress: bool = True) -> None:
+    """Give a training run's ``model`` the factors of its refresh at ``step``, ``root/refresh-<step>``: built
+    by rank 0 on the training's ``device`` when ``build`` (the training state waiting on the host meanwhile,
+    :func:`on_host`), else read back; older
+    refreshes in ``root`` are removed once it is complete. Under torchrun the other ranks wait at a barrier
+    and then read it, so the process group's timeout must outlast a refresh."""
+    target = root / f"{REFRESH_PREFIX}{step}"
+    if rank == 0:
+        if build:
+            with on_host(model, optimizer):
+                refresh_emulator(model, target, device=device, progress=progress)
+        else:
+            load_factors(model, target)
+        for old in root.glob(f"{REFRESH_PREFIX}*"):
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+        if rank != 0:
+            load_factors(model, target)
