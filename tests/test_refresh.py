@@ -125,6 +125,9 @@ def test_a_build_with_an_adapter_factors_the_original_under_the_shifted_activati
         moved = _output_error(plain[name], expected, covariance, weight)
         assert moved < 1e-5 if name in unshifted else moved > 1e-3, f"{name}: the factors moved by {moved:.2e}"
     assert not lora_modules(emloc.load_emulator(refreshed)), "the refreshed emulator saved LoRA weights"
+    assert read_emloc_section(refreshed)["adapter"] == adapter.content_hash() != _random_adapter(
+        tiny["model"], seed=4).content_hash()
+    assert "adapter" not in read_emloc_section(tiny["emulator"])
     ranks = {n: info["rank"] for n, info in read_emloc_section(refreshed)["modules"].items()}
     assert ranks == {n: info["rank"] for n, info in read_emloc_section(tiny["emulator"])["modules"].items()}
 

@@ -9,6 +9,7 @@ through the streamed pass on inputs their image processors make.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from emloc.calibration import CalibrationBatch
 from emloc.data import IGNORE, collate, load_examples
 from emloc.errors import BuildError
 from emloc.layers import EmulatorLinear
+from emloc.lora import LoraAdapter
 from emloc.pipeline import run
 from emloc.rows import DataError
 from emloc.training import TrainConfig
@@ -168,6 +170,10 @@ def test_run_exports_adapter_and_merged(tmp_path, llava, seed):
                          lora_r=8, seed=seed % 1000)  # the tiny decoder is narrower than the default rank
     summary = run(directory, data, tmp_path / "run", 0.5, vision_ratio=0.5, train_config=config, device="cpu",
                   merge=True, progress=False, correction="paper", evaluate_original=False)
+    # training refreshed the VLM's emulator (after step 1 of 2), and the correction used that refresh
+    trained_on = LoraAdapter.load(tmp_path / "run" / "train" / "adapter").extra["emulator"]["path"]
+    assert trained_on == str(tmp_path / "run" / "train" / "refresh-1")
+    assert re.fullmatch(r"[0-9a-f]{64}", load_emulator(trained_on).config.emloc["adapter"])  # the LoRA's hash
     adapter = tmp_path / "run" / "export" / "adapter"
     saved = load_file(str(adapter / "adapter_model.safetensors"))
     assert saved and all(".language_model." in key for key in saved)  # LoRA on the decoder by default

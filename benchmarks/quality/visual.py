@@ -45,6 +45,7 @@ from emloc.data import collate, load_examples  # noqa: E402
 from emloc.demo.smollm2 import cache_root  # noqa: E402
 from emloc.lora import LoraAdapter  # noqa: E402
 from emloc.training import TrainConfig, evaluate, train  # noqa: E402
+from emloc.training.config import REFRESHES  # noqa: E402
 from emloc.training.schedule import cosine_schedule  # noqa: E402
 from vlm_checkpoints import make_vlm_checkpoint  # noqa: E402
 
@@ -191,7 +192,8 @@ class Bench:
         return TrainConfig(output_dir=str(output_dir), max_steps=self.args.steps, micro_batch_size=BATCH,
                            grad_accum=1, learning_rate=self.args.lr, warmup_ratio=0.1, lora_r=LORA_R,
                            lora_alpha=2 * LORA_R, max_length=MAX_LENGTH, gradient_checkpointing=False,
-                           eval_fraction=0.0, save_steps=10**9, seed=seed, progress=False)
+                           eval_fraction=0.0, save_steps=10**9, seed=seed, progress=False,
+                           refreshes=self.args.refreshes)  # an emulator's; the original has none to refresh
 
     def lora(self, model, seed: int, output_dir: Path) -> LoraAdapter:
         """LoRA trained on ``model`` (an original or an emulator) with one seed."""
@@ -246,7 +248,8 @@ def run_emulator(bench: Bench, base: str, name: str, emulator_dir: Path, seed: i
     trained = bench.lora(emulator, seed, bench.work / base / f"train-{name.replace(' ', '-')}-{seed}")
     scores = {"on emulator": bench.score(emulator)}
     for label, clamp in CORRECTIONS.items():
-        adapter = trained if clamp is None else correct_lora(model_dir, emulator_dir, trained, clamp, progress=False)
+        trained_on = trained.extra.get("emulator", {}).get("path") or emulator_dir  # the last refresh
+        adapter = trained if clamp is None else correct_lora(model_dir, trained_on, trained, clamp, progress=False)
         scores[label] = on_original(bench, model_dir, adapter)
     build = bench.runs.done[f"{base}/{name}/build"]["seconds"]
     bench.runs.record(f"{base}/{name}/{seed}", base=base, emulator=name, seed=seed, scores=scores,
@@ -313,6 +316,8 @@ def main() -> int:
     parser.add_argument("--pretrain-steps", type=int, default=1200, help=f"full fine-tuning steps of {BATCH}")
     parser.add_argument("--pretrain-lr", type=float, default=2e-3)
     parser.add_argument("--samples", type=int, default=64, help="calibration samples")
+    parser.add_argument("--refreshes", type=int, default=REFRESHES,
+                        help="refreshes of the emulator during training (default %(default)s, emloc's)")
     parser.add_argument("--train-size", type=int, default=320)
     parser.add_argument("--test-size", type=int, default=80)
     parser.add_argument("--threads", type=int, default=1)

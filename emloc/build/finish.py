@@ -46,6 +46,8 @@ def _write_config(output_dir: Path, source: SourceCheckpoint, manifest: Manifest
         "propagate": manifest.settings["propagate"],
         "modules": {name: {"rank": info["rank"]} for name, info in sorted(modules.items())},
         **({"heal": manifest.settings["heal"]} if "heal" in manifest.settings else {}),
+        # a refresh's (docs/design.md §1.9): the content hash of the LoRA its calibration ran with
+        **({"adapter": manifest.settings["adapter"]} if "adapter" in manifest.settings else {}),
     }
     write_json(output_dir / CONFIG, config)
 
