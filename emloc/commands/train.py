@@ -94,6 +94,16 @@ def _init_distributed() -> str | None:
     return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
 
 
+def _leave_distributed() -> None:
+    """Under torchrun: wait for every rank (rank 0 writes the adapter last), then leave the process group, so
+    that no rank exits while another still talks to it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _built_with(emulator_dir: str) -> tuple[float, int]:
     """The single compression ratio an emulator directory was built with and its calibration sample count
     (its config's ``emloc`` section): what the plan's refreshes rebuild with."""
@@ -127,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.emulator)
         model = load_emulator(args.emulator, device=device, dtype=args.dtype)
         result = train(model, args.data, config, tokenizer=tokenizer)
+    _leave_distributed()
     if result.adapter_dir is not None:
         print(json.dumps({"steps": result.steps, "first_loss": result.losses[0], "last_loss": result.losses[-1],
                           **result.eval, "adapter": str(result.adapter_dir),
