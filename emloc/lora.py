@@ -12,6 +12,8 @@ are kept in fp32 whatever the base dtype: an update of ``lr * step`` on a bf16 w
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -283,6 +285,27 @@ class LoraAdapter:
                 digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
 
+    @contextlib.contextmanager
+    def attached(self, module: nn.Module):
+        """For the block, these LoRA weights add to the outputs of ``module``'s linears (names relative to it),
+        by forward hooks: ``out + s (x A^T) B^T`` in the LoRA's fp32, as on a :class:`LoraLinear`, while the
+        linears stay as they are. A refresh calibrates the original's blocks so (docs/design.md §1.9)."""
+        handles = []
+        try:
+            for name, (a, b) in self.weights.items():
+                linear = module.get_submodule(name)
+                if not isinstance(linear, nn.Linear) or a.shape[1] != linear.in_features or \
+                        b.shape[0] != linear.out_features:
+                    raise UserError(f"LoRA adapter: {name} has lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, "
+                                    f"which do not fit the layer {linear}")
+                device = linear.weight.device
+                handles.append(linear.register_forward_hook(
+                    functools.partial(_add_lora, a.to(device), b.to(device), self.scaling)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def apply_to(self, model: nn.Module) -> None:
         """Attach these LoRA weights to ``model`` (emulator or original), by module name, with their scaling."""
         modules = _candidate_linears(model)
@@ -299,3 +322,8 @@ class LoraAdapter:
                 module.lora_a.copy_(a)
                 module.lora_b.copy_(b)
 
+
+
+def _add_lora(a: Tensor, b: Tensor, scaling: float, module: nn.Module, args, out: Tensor) -> Tensor:
+    """The forward hook of :meth:`LoraAdapter.attached`: the linear's output plus its LoRA term."""
+    return out + (scaling * (args[0].to(a.dtype) @ a.T) @ b.T).to(out.dtype)

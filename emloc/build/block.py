@@ -16,7 +16,7 @@ from emloc_kernels import Whitening, covariance_update, projected_lowrank, white
 from emloc_kernels.lowrank import Method
 
 from ..errors import BuildError
-from ..layers import EmulatorLinear, LoraWeights
+from ..layers import EmulatorLinear
 from .plan import LinearPlan, covariance_keys
 
 __all__ = ["BlockInput", "Sink", "calibrate_block", "check_finite", "compress_block", "emulate_block", "run_block"]
@@ -39,8 +39,8 @@ def calibrate_block(block: nn.Module, plan: list[list[LinearPlan]], inputs: Iter
     group that has a linear taking the whitened route (key ``"in:<first linear>"``), and the output
     covariance (without bias) of every linear taking the output route (key ``"out:<linear>"``).
 
-    A linear carrying LoRA (a refresh, docs/design.md §1.9) contributes its input as it comes and its output
-    without the LoRA term: the covariances are of the shifted activations, the factors of the frozen weight.
+    With a refresh's LoRA attached by forward hooks (:meth:`emloc.lora.LoraAdapter.attached`, docs/design.md
+    §1.9) the input covariances are of the shifted activations and the output covariances of ``W x`` alone.
     Padding tokens (``mask`` False) never enter a covariance. ``sink(i, output)``, when given, receives the
     block output of the i-th input as soon as it exists (so outputs need not pile up on the device).
     Returns the covariances. Runs on meta tensors too.
@@ -60,8 +60,6 @@ def calibrate_block(block: nn.Module, plan: list[list[LinearPlan]], inputs: Iter
     def output_hook(key):
         def hook(module, args, out):
             y = out if module.bias is None else out - module.bias
-            if isinstance(module, LoraWeights) and module.lora_a is not None:  # the factors are of W alone
-                y = y - module.lora_delta(args[0]).to(y.dtype)
             covariance_update(covariances[key], y, current["mask"])
         return hook
 
@@ -69,8 +67,10 @@ def calibrate_block(block: nn.Module, plan: list[list[LinearPlan]], inputs: Iter
         for key, _ in covariance_keys(group):
             kind, name = key.split(":", 1)
             module = block.get_submodule(name)
+            # prepended: the output hook runs before any other forward hook of the linear (a refresh's LoRA,
+            # which adds to the output), so the output covariance is of the linear's own W x
             hooks.append(module.register_forward_pre_hook(input_hook(key)) if kind == "in"
-                         else module.register_forward_hook(output_hook(key)))
+                         else module.register_forward_hook(output_hook(key), prepend=True))
     try:
         with torch.no_grad():
             for slot, item in enumerate(inputs):

@@ -24,7 +24,7 @@ from ..calibration import CalibrationBatch
 from ..errors import BuildError
 from ..healing import HealConfig
 from ..locking import holds_output_lock
-from ..lora import LoraAdapter, lora_modules
+from ..lora import LoraAdapter
 from ..progress import progress as progress_bar
 from ..streaming import release
 from ..vision import feature_blocks
@@ -163,8 +163,9 @@ def _stream_block(source: SourceCheckpoint, prefix: str, index: int, plan: list[
     bar = progress_bar(len(inputs.slots), f"block {name}", "batch", enabled=progress)
     sink = FiniteSink(store)
     if manifest.finished(name) is not None:
-        block = _finished_block(source, prefix, index, plan, path, settings["propagate"], settings["adapter"])
-        run_block(block, _counted(block_input(), bar), sink)
+        block = _finished_block(source, prefix, index, plan, path, settings["propagate"])
+        with _lora_on(block, settings["adapter"], name):
+            run_block(block, _counted(block_input(), bar), sink)
     else:
         block, reports = _build_block(source, prefix, index, plan, block_input, bar, sink, **settings)
         _save_block(path.parent, manifest, name, path.name, block, reports)
@@ -200,13 +201,14 @@ def _build_block(source: SourceCheckpoint, prefix: str, index: int, plan: list[l
                  damping: float, propagate: str, adapter: LoraAdapter | None) -> tuple[nn.Module, dict[str, dict]]:
     """Block ``index`` loaded, calibrated and compressed, with the reports of :func:`compress_block`; its
     outputs go to ``sink``: the original block's (each replacing its input as it comes) or, with
-    ``propagate="emulator"``, the compressed block's. With ``adapter``, the original block runs with its LoRA."""
+    ``propagate="emulator"``, the compressed block's. With ``adapter``, the original block is calibrated with its
+    LoRA; the factors and the saved block are of the original weights."""
     name = f"{prefix}.{index}"
-    block = _original_block(source, prefix, index, adapter)
-    covariances = calibrate_block(block, plan, _counted(inputs(), bar), sink=sink if propagate == "original" else None)
+    block = source.load_block(index, prefix)
+    with _lora_on(block, adapter, name):
+        covariances = calibrate_block(block, plan, _counted(inputs(), bar),
+                                      sink=sink if propagate == "original" else None)
     check_finite(covariances, sink.all_finite(), name)
-    for module in lora_modules(block).values():  # the factors and the saved block are the original weights
-        module.remove_lora()
     hostmem.return_freed_memory()  # the pass's transients, before the factorisations allocate
     reports = compress_block(block, plan, covariances, svd, seed=seed, damping=damping)
     del covariances
@@ -224,21 +226,18 @@ def _save_block(output_dir: Path, manifest: Manifest, name: str, file: str, bloc
         for local, r in reports.items()}})
 
 
-def _original_block(source: SourceCheckpoint, prefix: str, index: int, adapter: LoraAdapter | None) -> nn.Module:
-    """Block ``index`` of stack ``prefix`` with the original weights, and the adapter's LoRA on its linears."""
-    block = source.load_block(index, prefix)
-    mine = adapter.within(f"{prefix}.{index}") if adapter is not None else None
-    if mine is not None and mine.weights:
-        mine.apply_to(block)
-    return block
+def _lora_on(block: nn.Module, adapter: LoraAdapter | None, name: str):
+    """The adapter's LoRA on the linears of block ``name`` while the block runs (a refresh), else nothing."""
+    mine = adapter.within(name) if adapter is not None else None
+    return mine.attached(block) if mine is not None and mine.weights else contextlib.nullcontext()
 
 
 def _finished_block(source: SourceCheckpoint, prefix: str, index: int, plan: list[list[LinearPlan]], path: Path,
-                    propagate: str, adapter: LoraAdapter | None) -> nn.Module:
-    """Block ``index`` ready to propagate activations on resume: the original weights (with the adapter's
-    LoRA), or the saved emulator block when the build feeds compressed outputs forward."""
+                    propagate: str) -> nn.Module:
+    """Block ``index`` ready to propagate activations on resume: the original weights, or the saved
+    emulator block when the build feeds compressed outputs forward."""
     if propagate == "original":
-        return _original_block(source, prefix, index, adapter)
+        return source.load_block(index, prefix)
     block = emulate_block(source.block(prefix, index), plan)
     state = {k.removeprefix(f"{prefix}.{index}."): t.to(source.device) for k, t in load_file(str(path)).items()}
     block.load_state_dict(state, assign=True)

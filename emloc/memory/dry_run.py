@@ -6,9 +6,9 @@ compute device. Nothing is allocated; a 38B model runs in seconds.
   micro-batch and :func:`emloc.build.compress_block` with the planned ranks: a decoder block, and a vision
   tower's block on the micro-batch's image tiles as :func:`emloc.models.capture_block_inputs` catches them
   from the model's own forward on meta pixel values;
-* refresh: the decoder block's construction with the training's LoRA attached by
-  :meth:`emloc.lora.LoraAdapter.apply_to` as a refresh attaches it (and removed before the factorisation, as
-  the build removes it); the training state waits on the host, so only the block's pass is on the device;
+* refresh: the decoder block's construction with the training's LoRA attached for the calibration pass by
+  :meth:`emloc.lora.LoraAdapter.attached`, as a refresh attaches it; the training state waits on the host,
+  so only the block's pass is on the device;
 * training: the whole emulator (planned ranks, LoRA from :func:`emloc.lora.add_lora`, gradient
   checkpointing), one step of :class:`emloc.training.CausalLMLoss` (chunked LM head) with AdamW;
 * healing: the whole emulator with the heal adapter of :func:`emloc.healing.add_heal_adapter`, one step of
@@ -21,6 +21,8 @@ what a GPU run uses. In training a vision tower is frozen and outside the gradie
 its transient forward is planned analytically.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -52,30 +54,26 @@ def _tokens(batch: int, seq_len: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.empty_like(ids), "labels": torch.empty_like(ids)}
 
 
-def _construct(block: nn.Module, plan, item: BlockInput, svd: str) -> int:
-    """Peak device bytes of the build's steps on one block: calibrate on ``item`` (with the block's LoRA, if
-    it carries one), remove the LoRA as the build does, then compress."""
+def _construct(block: nn.Module, plan, item: BlockInput, svd: str, adapter: lora.LoraAdapter | None = None) -> int:
+    """Peak device bytes of the build's steps on one block: calibrate on ``item`` (with ``adapter``'s LoRA
+    attached for the pass, as a refresh attaches it), then compress."""
     with LiveBytesTracker("meta") as tracker:
         tracker.adopt([*block.parameters(), item.hidden, item.mask])
-        # the sink is where a build sends each output to the host; here it is simply dropped
-        covariances = calibrate_block(block, plan, [item], sink=lambda index, output: None)
+        with adapter.attached(block) if adapter is not None else contextlib.nullcontext():
+            # the sink is where a build sends each output to the host; here it is simply dropped
+            covariances = calibrate_block(block, plan, [item], sink=lambda index, output: None)
         del item
-        for module in lora.lora_modules(block).values():
-            module.remove_lora()
         compress_block(block, plan, covariances, svd=svd)
     return tracker.peak
 
 
-def _attach_task_lora(model: nn.Module, prefix: str, block: nn.Module, r: int) -> None:
-    """Attach to ``block`` (``prefix``, a block of ``model``) the LoRA training puts there (rank ``r`` on the
-    default target), as a refresh does: an adapter's weights (meta here, the host in a refresh) applied by
-    :meth:`emloc.lora.LoraAdapter.apply_to`."""
-    linears = {name: model.get_submodule(name) for name in lora.target_modules(model, None)}
-    meta = {"device": "meta"}
-    weights = {name: (torch.empty(r, linear.in_features, **meta), torch.empty(linear.out_features, r, **meta))
-               for name, linear in linears.items()}
-    del linears  # the original linears, which the LoRA layers replace: their weights must not outlive them
-    lora.LoraAdapter(weights, r=r, alpha=float(r)).within(prefix).apply_to(block)
+def _task_lora(model: nn.Module, prefix: str, r: int) -> lora.LoraAdapter:
+    """The adapter of the LoRA training puts on block ``prefix`` of ``model`` (rank ``r`` on the default
+    target, fp32 on meta), named within the block as a refresh attaches it."""
+    weights = {name: (torch.empty(r, linear.in_features, device="meta"),
+                      torch.empty(linear.out_features, r, device="meta"))
+               for name, linear in ((n, model.get_submodule(n)) for n in lora.target_modules(model, None))}
+    return lora.LoraAdapter(weights, r=r, alpha=float(r)).within(prefix)
 
 
 def measure_construction(config: dict, ratio: float, seq_len: int, micro_batch: int, svd: str,
@@ -85,14 +83,13 @@ def measure_construction(config: dict, ratio: float, seq_len: int, micro_batch: 
     model = meta_model(language_config(config, layers=1), dtype)
     plan = plan_compression(model, ratio)[0]
     prefix, stack = models.block_stack(model)
-    if lora_r:
-        _attach_task_lora(model, f"{prefix}.0", stack[0], lora_r)
+    adapter = _task_lora(model, f"{prefix}.0", lora_r) if lora_r else None
     hidden = torch.empty(micro_batch, seq_len, model.config.hidden_size, dtype=dtype, device="meta")
     positions = torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta")
     item = BlockInput(hidden, {"position_embeddings": model.model.rotary_emb(hidden, positions)},
                       torch.empty(micro_batch, seq_len, dtype=torch.bool, device="meta"))
     del hidden
-    return _construct(stack[0], plan, item, svd)
+    return _construct(stack[0], plan, item, svd, adapter)
 
 
 def measure_vision_construction(config: dict, ratio: float | None, images: int, svd: str,

@@ -274,8 +274,9 @@ def _finish(run: _Run, step: int, history: list[float]) -> TrainResult:
         adapter = LoraAdapter.from_model(run.model, *run.lora_form,
                                          base_model=getattr(run.model.config, "_name_or_path", None))
         result.adapter_dir = adapter.save(run.output_dir / ADAPTER_DIR)
+        trained_on = emulator_directory(run.model)  # the last refresh, or the emulator as loaded
         report = {"steps": step, "losses": history, **result.eval, "train_examples": len(run.examples),
                   "eval_examples": len(run.eval_examples), "config": asdict(run.config),
-                  **({"emulator": str(emulator_directory(run.model))} if emulator_directory(run.model) else {})}
+                  **({"emulator": str(trained_on)} if trained_on is not None else {})}
         atomic_write_text(run.output_dir / REPORT_FILE, json.dumps(report, indent=2))
     return result
