@@ -178,6 +178,13 @@ class LoraAdapter:
     def scaling(self) -> float:
         return lora_scaling(self.r, self.alpha, self.rslora)
 
+    @property
+    def trained_on(self) -> Path | None:
+        """The emulator directory the adapter was trained on last (a refresh's, docs/design.md §1.9), as its
+        emloc record names it; None when it records none."""
+        path = self.extra.get("emulator", {}).get("path")
+        return Path(path) if path else None
+
     @classmethod
     def from_model(cls, model: nn.Module, alpha: float | None = None, rslora: bool = False,
                    base_model: str | None = None) -> LoraAdapter:

@@ -215,8 +215,8 @@ def _run_stages(model_path: Path, data, output_dir: Path, settings: dict, build_
         state.finish("train")
     if "correct" not in state.done:
         trained = LoraAdapter.load(train_dir / ADAPTER_DIR)
-        trained_on = Path(trained.extra.get("emulator", {}).get("path") or emulator_dir)  # the last refresh's
-        adapter = correct_lora(model_path, trained_on, trained, clamp, device=device, progress=progress) \
+        adapter = correct_lora(model_path, trained.trained_on or emulator_dir, trained, clamp, device=device,
+                               progress=progress) \
             if correct else replace(trained, extra={**trained.extra, "corrected": False})
         adapter.save(corrected_dir)
         state.finish("correct")

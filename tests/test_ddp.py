@@ -57,6 +57,6 @@ def test_two_process_ddp_refreshes_as_one_process(torch_backend, tmp_path):
     eigenvectors pass that on: the bound is 1e-4."""
     ddp, single = _train_both_ways(tmp_path, "refreshed", "--refreshes", "2")
     for adapter, name in ((ddp, "ddp"), (single, "single")):
-        assert adapter.extra["emulator"]["path"] == str(tmp_path / f"{name}-refreshed" / "refresh-2")
+        assert adapter.trained_on == tmp_path / f"{name}-refreshed" / "refresh-2"
     err = assert_close(stacked(ddp), stacked(single).double(), rtol=1e-4, what="refreshed DDP vs one process")
     print(f"DDP (2 x gloo) vs one process, 2 refreshes in 3 steps: relative error {err:.2e}")

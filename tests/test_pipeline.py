@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from pathlib import Path
 
 import peft
 import pytest
@@ -82,7 +81,7 @@ def test_stage_commands_chain(inputs, tmp_path, capsys):
     trained = LoraAdapter.load(train_dir / "adapter")
     assert trained.rslora and trained.scaling == pytest.approx(16 / 2)
     # training refreshed the emulator: the adapter records the last refresh, and correction needs that one
-    trained_on = Path(trained.extra["emulator"]["path"])
+    trained_on = trained.trained_on
     assert trained_on.parent == train_dir and trained_on.name.startswith("refresh-")
     assert [p.name for p in train_dir.glob("refresh-*")] == [trained_on.name]
     correct = ["correct", str(model), str(emulator), str(train_dir / "adapter"), "--out", str(tmp_path / "corrected")]

@@ -174,8 +174,9 @@ def test_training_swaps_in_each_refresh_and_records_the_last(tiny, tmp_path):
             assert torch.equal(module.u, refreshed.get_submodule(name).u), name
             assert torch.equal(module.v, refreshed.get_submodule(name).v), name
             assert not torch.equal(module.u, first.get_submodule(name).u), name
-    record = LoraAdapter.load(result.adapter_dir).extra["emulator"]
-    assert record == {"path": str(last), "content_hash": read_emloc_section(last)["content_hash"]}
+    adapter = LoraAdapter.load(result.adapter_dir)
+    assert adapter.extra["emulator"] == {"path": str(last), "content_hash": read_emloc_section(last)["content_hash"]}
+    assert adapter.trained_on == last
 
 
 def test_a_run_interrupted_in_a_refresh_resumes_to_the_same_weights(tiny, tmp_path, monkeypatch):

@@ -171,8 +171,8 @@ def test_run_exports_adapter_and_merged(tmp_path, llava, seed):
     summary = run(directory, data, tmp_path / "run", 0.5, vision_ratio=0.5, train_config=config, device="cpu",
                   merge=True, progress=False, correction="paper", evaluate_original=False)
     # training refreshed the VLM's emulator (after step 1 of 2), and the correction used that refresh
-    trained_on = LoraAdapter.load(tmp_path / "run" / "train" / "adapter").extra["emulator"]["path"]
-    assert trained_on == str(tmp_path / "run" / "train" / "refresh-1")
+    trained_on = LoraAdapter.load(tmp_path / "run" / "train" / "adapter").trained_on
+    assert trained_on == tmp_path / "run" / "train" / "refresh-1"
     assert re.fullmatch(r"[0-9a-f]{64}", load_emulator(trained_on).config.emloc["adapter"])  # the LoRA's hash
     adapter = tmp_path / "run" / "export" / "adapter"
     saved = load_file(str(adapter / "adapter_model.safetensors"))

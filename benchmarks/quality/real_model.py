@@ -184,10 +184,9 @@ def run_task(bench: Bench, task: str) -> None:
                 seconds = time.perf_counter() - started + build_seconds
                 scores = {"on emulator": result.eval["eval_exact_match"]}
                 trained = LoraAdapter.load(result.adapter_dir)
-                trained_on = trained.extra.get("emulator", {}).get("path") or emulator_dir  # the last refresh
                 for label, clamp in CORRECTIONS.items():
                     adapter = trained if label == "uncorrected" else correct_lora(
-                        bench.model_dir, trained_on, trained, clamp, progress=False)
+                        bench.model_dir, trained.trained_on or emulator_dir, trained, clamp, progress=False)
                     scores[label] = bench.on_original(adapter, test)["eval_exact_match"]
                 for refreshed in train_dir.glob("refresh-*"):  # an emulator's size each; scored, not needed
                     shutil.rmtree(refreshed)

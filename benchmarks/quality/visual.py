@@ -248,8 +248,8 @@ def run_emulator(bench: Bench, base: str, name: str, emulator_dir: Path, seed: i
     trained = bench.lora(emulator, seed, bench.work / base / f"train-{name.replace(' ', '-')}-{seed}")
     scores = {"on emulator": bench.score(emulator)}
     for label, clamp in CORRECTIONS.items():
-        trained_on = trained.extra.get("emulator", {}).get("path") or emulator_dir  # the last refresh
-        adapter = trained if clamp is None else correct_lora(model_dir, trained_on, trained, clamp, progress=False)
+        adapter = trained if clamp is None else correct_lora(model_dir, trained.trained_on or emulator_dir, trained,
+                                                             clamp, progress=False)
         scores[label] = on_original(bench, model_dir, adapter)
     build = bench.runs.done[f"{base}/{name}/build"]["seconds"]
     bench.runs.record(f"{base}/{name}/{seed}", base=base, emulator=name, seed=seed, scores=scores,
